@@ -1,0 +1,39 @@
+# PRIOR — every target sets up .venv on first use; `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_BOOT ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+# torch and torchvision must be a matching pair, installed before everything else.
+TORCH_PAIR  ?= torch==2.14.1 torchvision==0.29.1
+STAMP       := $(VENV)/.installed
+# DEMO_SIZE=tiny runs the whole pipeline in about a minute (what the tests use).
+DEMO_SIZE   ?= default
+ARGS        ?=
+
+.PHONY: help install test data tokenizer clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON_BOOT) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade pip
+	$(VENV)/bin/pip install $(TORCH_PAIR)
+	$(VENV)/bin/pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the project with its dev extras
+
+test: install ## run the test suite
+	$(PY) -m pytest
+
+data: install ## generate the demo corpus (DEMO_SIZE=tiny|small|default) under data/demo
+	$(VENV)/bin/prior-demo-data corpus=$(DEMO_SIZE) $(ARGS)
+
+tokenizer: data ## train the demo BPE tokenizer on the demo corpus captions
+	$(VENV)/bin/prior-tokenizer $(ARGS)
+
+clean: ## remove generated data, runs and artifacts (keeps .venv)
+	rm -rf data logs outputs multirun artifacts

@@ -1,0 +1,1 @@
+"""Console entry points; each one composes a Hydra config and calls one function."""

@@ -1,0 +1,1 @@
+"""Models: language models, vision backbones and the LVLM."""

@@ -1,0 +1,78 @@
+"""Test helpers: tiny shards in img2dataset's layout, written by the tests themselves."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+from PIL import Image
+
+CAPTION_WORDS = "a circle in red on the left and a square in blue on the right".split()
+
+
+def png_bytes(mode: str = "RGB", size: tuple[int, int] = (40, 30), color: object = (200, 10, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpg_bytes(size: tuple[int, int] = (40, 30), color: tuple[int, int, int] = (10, 200, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_img2dataset_shards(
+    folder: Path,
+    num_shards: int,
+    per_shard: int,
+    *,
+    caption: Callable[[int], str] = lambda i: " ".join(CAPTION_WORDS[: 3 + i % 8]),
+    image: Callable[[int], tuple[str, bytes]] = lambda i: ("jpg", jpg_bytes()),
+    stats: bool = True,
+    first_shard: int = 0,
+) -> list[str]:
+    """Write shards named like img2dataset's (00000.tar, keys 000000000...) with its json fields
+    and *_stats.json files; return the keys written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = []
+    n = 0
+    for shard in range(first_shard, first_shard + num_shards):
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+            for j in range(per_shard):
+                key = f"{shard:05d}{j:04d}"
+                ext, img = image(n)
+                text = caption(n)
+                meta = {
+                    "url": f"http://example.invalid/{key}.jpg",
+                    "key": key,
+                    "status": "success",
+                    "error_message": None,
+                    "width": 40,
+                    "height": 30,
+                    "original_width": 400,
+                    "original_height": 300,
+                    "caption": text,
+                    "exif": "{}",
+                    "sha256": "0" * 64,
+                }
+                add_file(tar, f"{key}.{ext}", img)
+                add_file(tar, f"{key}.txt", text.encode())
+                add_file(tar, f"{key}.json", json.dumps(meta).encode())
+                keys.append(key)
+                n += 1
+        if stats:
+            (folder / f"{shard:05d}_stats.json").write_text(
+                json.dumps({"count": per_shard, "successes": per_shard, "failed_to_download": 0})
+            )
+    return keys

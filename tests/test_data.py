@@ -1,0 +1,195 @@
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prior.data.datamodule import ImageCaptionDataModule, collate
+from prior.data.pipeline import resize_image, to_rgb
+from prior.data.shards import resolve_shards
+from prior.data.tokenization import train_bpe_tokenizer
+from tests.helpers import CAPTION_WORDS, add_file, jpg_bytes, png_bytes, write_img2dataset_shards
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    train_bpe_tokenizer([" ".join(CAPTION_WORDS)] * 50, vocab_size=300).save_pretrained(path)
+    return str(path)
+
+
+def make_dm(shards, tokenizer_dir, **kw) -> ImageCaptionDataModule:
+    kw.setdefault("batch_size", 4)
+    return ImageCaptionDataModule(shards, tokenizer_dir, **kw)
+
+
+def keys_of(loader) -> list[str]:
+    return [k for batch in loader for k in batch["keys"]]
+
+
+# ----------------------------------------------------------------------------- images
+
+
+@pytest.mark.parametrize(
+    "mode,color",
+    [
+        ("L", 128),
+        ("LA", (128, 255)),
+        ("RGBA", (200, 10, 10, 255)),
+        ("CMYK", (0, 255, 255, 0)),
+        ("I;16", 32896),
+        ("I", 128),
+        ("F", 128.0),
+    ],
+)
+def test_any_mode_to_rgb(mode, color):
+    rgb = to_rgb(Image.new(mode, (8, 6), color))
+    assert rgb.mode == "RGB" and rgb.size == (8, 6)
+    r, g, b = rgb.getpixel((0, 0))
+    if mode in ("L", "LA", "I;16", "I", "F"):
+        assert r == g == b and abs(r - 128) <= 1
+    else:
+        assert r > 150 and g < 60 and b < 60
+
+
+def test_palette_and_alpha_composite_over_white():
+    p = Image.new("P", (4, 4), 0)
+    p.putpalette([255, 0, 0] + [0, 0, 0] * 255)
+    assert to_rgb(p).getpixel((0, 0)) == (255, 0, 0)
+    transparent = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    assert to_rgb(transparent).getpixel((0, 0)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("mode,expected", [("center_crop", (32, 32)), ("resize", (32, 32)), ("pad", (32, 32)), ("none", (32, 24))])
+def test_resize_policies(mode, expected):
+    assert resize_image(Image.new("RGB", (64, 48)), 32, mode).size == expected
+
+
+def test_collate_pads_captions_and_images():
+    samples = [
+        {"key": "a", "url": "u", "caption": "c", "meta": {}, "input_ids": [1, 5, 6, 2], "image": torch.ones(3, 4, 6)},
+        {"key": "b", "url": "u", "caption": "c", "meta": {}, "input_ids": [1, 7, 2], "image": torch.ones(3, 6, 4)},
+    ]
+    batch = collate(samples, pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 2], [1, 7, 2, 0]]
+    assert batch["attention_mask"].tolist() == [[True] * 4, [True, True, True, False]]
+    assert batch["images"].shape == (2, 3, 6, 6)
+    assert batch["image_mask"][0].sum() == 24 and not batch["image_mask"][0, 5].any()
+    assert batch["images"][1, :, :, 4:].abs().sum() == 0
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def test_round_trip_two_workers_each_sample_once(tmp_path, tokenizer_dir):
+    written = write_img2dataset_shards(tmp_path / "s", num_shards=4, per_shard=5)
+    dm = make_dm({"predict": str(tmp_path / "s")}, tokenizer_dir, num_workers=2, batch_size=3)
+    read = keys_of(dm.predict_dataloader())
+    assert len(read) == len(written)
+    assert Counter(read) == Counter(written)
+    assert sum(dm.skipped().values()) == 0
+
+
+def test_brace_pattern_and_counts_from_img2dataset_stats(tmp_path, tokenizer_dir):
+    write_img2dataset_shards(tmp_path / "s", num_shards=3, per_shard=4)
+    shards = resolve_shards(str(tmp_path / "s" / "{00000..00002}.tar"))
+    assert len(shards) == 3 and shards.num_samples == 12
+    dm = make_dm({"predict": str(tmp_path / "s" / "{00000..00001}.tar")}, tokenizer_dir)
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["images"].shape == (4, 3, 32, 32)
+    assert batch["meta"][0]["status"] == "success" and batch["meta"][0]["url"].startswith("http")
+    assert batch["input_ids"][:, 0].eq(dm.tokenizer.bos_token_id).all()
+
+
+def test_png_and_webp_images_load(tmp_path, tokenizer_dir):
+    def image(i):
+        if i % 2:
+            return "png", png_bytes("RGBA", color=(200, 0, 0, 255))
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), (200, 0, 0)).save(buf, format="WEBP", lossless=True)
+        return "webp", buf.getvalue()
+
+    write_img2dataset_shards(tmp_path / "s", 1, 4, image=image)
+    dm = make_dm({"predict": str(tmp_path / "s")}, tokenizer_dir)
+    batch = next(iter(dm.predict_dataloader()))
+    assert len(batch["keys"]) == 4
+    assert batch["images"][:, 0].mean() > 0.7 and batch["images"][:, 1].mean() < 0.1
+
+
+def test_bad_input_is_skipped_and_counted(tmp_path, tokenizer_dir, caplog):
+    folder = tmp_path / "s"
+    # shard 0: a sample whose "jpg" is not an image, and one with an empty caption
+    write_img2dataset_shards(
+        folder, 2, 5,
+        image=lambda i: ("jpg", b"not an image" if i == 1 else jpg_bytes()),
+        caption=lambda i: "   " if i == 3 else "a circle in red",
+    )
+    # shard 2: truncated in the middle of its third sample
+    write_img2dataset_shards(tmp_path / "t", 1, 5, stats=False, first_shard=2)
+    data = (tmp_path / "t" / "00002.tar").read_bytes()
+    (folder / "00002.tar").write_bytes(data[: len(data) // 2 + 100])
+    dm = make_dm({"predict": str(folder)}, tokenizer_dir)
+    read = keys_of(dm.predict_dataloader())
+    skipped = dm.skipped()
+    assert skipped["bad_image"] == 1
+    assert skipped["empty_caption"] == 1
+    assert skipped["corrupt_shard"] == 1
+    assert len(read) == len(set(read))
+    assert "000000001" not in read and "000000003" not in read
+    assert 8 + 1 <= len(read) <= 8 + 3  # the truncated shard yields its complete samples only
+    assert "bad_image" in dm.skip_report() and "corrupt_shard" in dm.skip_report()
+    assert any("000000001" in r.message for r in caplog.records)
+
+
+def test_too_few_shards_for_readers_is_a_clear_error(tmp_path, tokenizer_dir):
+    write_img2dataset_shards(tmp_path / "s", 1, 8)
+    dm = make_dm({"train": str(tmp_path / "s")}, tokenizer_dir, num_workers=2)
+    with pytest.raises(ValueError, match="Lower `data.num_workers`"):
+        dm.train_dataloader()
+
+
+def test_missing_shards_say_how_to_make_them(tmp_path, tokenizer_dir):
+    with pytest.raises(FileNotFoundError, match="make data"):
+        make_dm({"train": str(tmp_path / "nope")}, tokenizer_dir).train_dataloader()
+
+
+def test_train_epochs_equal_length_shuffled_and_deterministic(tmp_path, tokenizer_dir):
+    write_img2dataset_shards(tmp_path / "s", 4, 10, caption=lambda i: f"a circle in red {i}")
+
+    def epochs(seed, n=2):
+        dm = make_dm({"train": str(tmp_path / "s")}, tokenizer_dir, num_workers=2, seed=seed, shuffle_buffer=8)
+        loader = dm.train_dataloader()
+        return loader, [keys_of(loader) for _ in range(n)]
+
+    loader, (e0, e1) = epochs(seed=1)
+    assert len(loader) == 40 // (2 * 4) * 2 == 10
+    assert len(e0) == len(e1) == 40
+    assert len(set(e0)) == len(e0)
+    assert e0 != e1  # a new shard order and buffer each epoch
+    assert epochs(seed=1)[1] == [e0, e1]
+    assert epochs(seed=2)[1][0] != e0
+
+
+def test_resume_mid_epoch_continues_the_same_stream(tmp_path, tokenizer_dir):
+    write_img2dataset_shards(tmp_path / "s", 4, 10, caption=lambda i: f"a circle in red {i}")
+    dm = make_dm({"train": str(tmp_path / "s")}, tokenizer_dir, num_workers=2, shuffle_buffer=8)
+    loader = dm.train_dataloader()
+    keys_of(loader)
+    full = [b["keys"] for b in loader]  # data epoch 1
+    dm2 = make_dm({"train": str(tmp_path / "s")}, tokenizer_dir, num_workers=2, shuffle_buffer=8)
+    dm2.load_state_dict({"epoch": 1, "batches_done": 3})
+    rest = [b["keys"] for b in dm2.train_dataloader()]
+    assert rest == full[3:]
+
+
+def test_text_only_mode_does_not_decode_images(tmp_path, tokenizer_dir):
+    write_img2dataset_shards(tmp_path / "s", 1, 3, image=lambda i: ("jpg", b"garbage"))
+    dm = make_dm({"predict": str(tmp_path / "s")}, tokenizer_dir, with_images=False)
+    batch = next(iter(dm.predict_dataloader()))
+    assert "images" not in batch and len(batch["keys"]) == 3
+    assert dm.skipped()["bad_image"] == 0
