@@ -64,7 +64,13 @@ def read_split(root: Path, split: str) -> list[dict]:
 
 
 def all_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def unplaced(obj: dict) -> tuple[str, str, str]:
+    return obj["shape"], obj["color"], obj["size"]
 
 
 def truth(objects: list[dict]) -> list[dict]:
@@ -92,8 +98,12 @@ def test_manifests_match_tar_contents(corpus):
         manifest = json.loads((corpus / split / "manifest.json").read_text())
         assert manifest["split"] == split and manifest["generator_version"] == 1
         assert manifest["num_samples"] == spec["num_samples"]
-        assert [s["name"] for s in manifest["shards"]] == [f"{i:05d}.tar" for i in range(spec["num_shards"])]
-        assert sorted(p.name for p in (corpus / split).glob("*.tar")) == [s["name"] for s in manifest["shards"]]
+        assert [s["name"] for s in manifest["shards"]] == [
+            f"{i:05d}.tar" for i in range(spec["num_shards"])
+        ]
+        assert sorted(p.name for p in (corpus / split).glob("*.tar")) == [
+            s["name"] for s in manifest["shards"]
+        ]
         total = 0
         for shard_id, shard in enumerate(manifest["shards"]):
             samples = read_shard(corpus / split / shard["name"])
@@ -108,7 +118,11 @@ def test_manifests_match_tar_contents(corpus):
                 assert meta["key"] == key and meta["split"] == split
                 assert meta["status"] == "success" and meta["url"] is None
                 assert sample["txt"].decode() == meta["caption"]
-                assert Image.open(io.BytesIO(sample["jpg"])).size == (meta["width"], meta["height"]) == (32, 32)
+                assert (
+                    Image.open(io.BytesIO(sample["jpg"])).size
+                    == (meta["width"], meta["height"])
+                    == (32, 32)
+                )
             total += len(samples)
         assert total == spec["num_samples"]
 
@@ -132,7 +146,12 @@ def test_regeneration_removes_stale_shards(tmp_path):
     generate_corpus(tiny(splits={"val": {"num_samples": 8, "num_shards": 4}}), tmp_path)
     generate_corpus(tiny(splits={"val": {"num_samples": 8, "num_shards": 2}}), tmp_path)
     assert sorted(p.name for p in (tmp_path / "val").iterdir()) == [
-        "00000.tar", "00000_stats.json", "00001.tar", "00001_stats.json", "manifest.json"]
+        "00000.tar",
+        "00000_stats.json",
+        "00001.tar",
+        "00001_stats.json",
+        "manifest.json",
+    ]
 
 
 def test_config_rejects_what_the_generator_cannot_do():
@@ -140,6 +159,8 @@ def test_config_rejects_what_the_generator_cannot_do():
         tiny(splits={"training": {"num_samples": 8, "num_shards": 1}})
     with pytest.raises(ValueError, match="max_objects"):
         tiny(max_objects=4)
+    with pytest.raises(ValueError, match="probability"):
+        tiny(prior_p=1.5)
     with pytest.raises(ValueError, match="num_shards"):
         tiny(splits={"val": {"num_samples": 2, "num_shards": 4}})
 
@@ -160,9 +181,9 @@ def test_spans_index_the_caption_and_visual_spans_are_true(samples):
         for span in spans:
             assert span["start"] >= end, "spans overlap or are out of order"
             end = span["end"]
-            assert caption[span["start"]:span["end"]] == span["text"] != ""
+            assert caption[span["start"] : span["end"]] == span["text"] != ""
             assert span["cls"] in {"visual", "function", "boilerplate", "noise"}
-            covered[span["start"]:span["end"]] += 1
+            covered[span["start"] : span["end"]] += 1
             seen[span["cls"]] += 1
             if span["cls"] == "visual":
                 assert span["text"] in allowed, (span, meta["objects"])
@@ -181,12 +202,16 @@ def test_images_show_the_colours_in_the_described_columns(samples):
         near = distance.min(-1) < 50
         nearest = distance.argmin(-1)
         width = image.shape[1]  # pixels lying wholly inside each third of the width:
-        columns = [[x for x in range(width) if k * width <= 3 * x and 3 * (x + 1) <= (k + 1) * width] for k in range(3)]
+        columns = [
+            [x for x in range(width) if k * width <= 3 * x and 3 * (x + 1) <= (k + 1) * width]
+            for k in range(3)
+        ]
         by_position = {o["position"]: o for o in meta["objects"]}
-        for position, cols in zip(POSITIONS, columns):
+        for position, cols in zip(POSITIONS, columns, strict=True):
             votes = Counter(COLORS[i] for i in nearest[:, cols][near[:, cols]])
             if position in by_position:
-                assert votes and votes.most_common(1)[0][0] == by_position[position]["color"], (meta["key"], votes)
+                expected = by_position[position]["color"]
+                assert votes and votes.most_common(1)[0][0] == expected, (meta["key"], votes)
             else:
                 assert not votes, (meta["key"], position, votes)
 
@@ -202,7 +227,11 @@ def test_train_follows_the_prior_at_the_configured_rate(samples):
         assert o["counter_prior"] == (o["color"] != o["typical_color"])
     typical = np.mean([not o["counter_prior"] for o in objects])
     assert abs(typical - 0.9) < 0.05, typical
-    pairs = [(a["shape"], b["shape"]) for m in samples["train"] for a, b in zip(m["objects"], m["objects"][1:])]
+    pairs = [
+        (a["shape"], b["shape"])
+        for m in samples["train"]
+        for a, b in zip(m["objects"], m["objects"][1:], strict=False)
+    ]
     companion = np.mean([COMPANION[a] == b for a, b in pairs])
     assert len(pairs) > 150 and abs(companion - 0.5) < 0.1, companion
     counts = Counter(m["count"] for m in samples["train"])
@@ -210,13 +239,17 @@ def test_train_follows_the_prior_at_the_configured_rate(samples):
 
 
 def test_prior_rate_is_configurable(tmp_path):
-    generate_corpus(tiny(prior_p=0.5, splits={"train": {"num_samples": 256, "num_shards": 1}}), tmp_path)
+    generate_corpus(
+        tiny(prior_p=0.5, splits={"train": {"num_samples": 256, "num_shards": 1}}), tmp_path
+    )
     objects = [o for m in read_split(tmp_path, "train") for o in m["objects"]]
     assert abs(np.mean([not o["counter_prior"] for o in objects]) - 0.5) < 0.08
 
 
 def test_test_split_follows_the_prior_and_test_counter_breaks_it(samples):
-    assert all(o["color"] == TYPICAL_COLOR[o["shape"]] for m in samples["test"] for o in m["objects"])
+    assert all(
+        o["color"] == TYPICAL_COLOR[o["shape"]] for m in samples["test"] for o in m["objects"]
+    )
     assert not any(m["has_counter_prior"] for m in samples["test"])
     for m in samples["test_counter"]:
         assert m["has_counter_prior"]
@@ -235,18 +268,23 @@ OBJECTS = [
 
 def test_describe_follows_the_grammar_in_both_word_orders():
     assert describe(OBJECTS) == (
-        "two shapes: a large circle in red on the left and a small square in blue on the right")
+        "two shapes: a large circle in red on the left and a small square in blue on the right"
+    )
     assert describe(OBJECTS, cue_first=False) == (
-        "two shapes: a large red circle on the left and a small blue square on the right")
+        "two shapes: a large red circle on the left and a small blue square on the right"
+    )
     three = OBJECTS + [{"shape": "star", "color": "cyan", "size": "large", "position": "middle"}]
     assert describe(three, count_word=False) == (
         "a large circle in red on the left, a large star in cyan in the middle "
-        "and a small square in blue on the right")
+        "and a small square in blue on the right"
+    )
     assert describe(OBJECTS[:1]) == "one shape: a small square in blue on the right"
 
 
 def test_cue_first_false_flips_the_order_in_the_corpus(samples, tmp_path):
-    generate_corpus(tiny(cue_first=False, splits={"val": {"num_samples": 32, "num_shards": 1}}), tmp_path)
+    generate_corpus(
+        tiny(cue_first=False, splits={"val": {"num_samples": 32, "num_shards": 1}}), tmp_path
+    )
     flipped = read_split(tmp_path, "val")
     for metas, pattern in ((flipped, "{color} {shape}"), (samples["val"], "{shape} in {color}")):
         for m in metas:
@@ -270,7 +308,8 @@ def test_parse_description_tolerates_garbage():
         {"shape": "square", "color": None, "size": None, "position": None},
     ]
     assert parse_description("Image of a heart in pink on the right.. | click to enlarge") == [
-        {"shape": "heart", "color": "pink", "size": None, "position": "right"}]
+        {"shape": "heart", "color": "pink", "size": None, "position": "right"}
+    ]
 
 
 @pytest.mark.parametrize("attribute", ["color", "shape", "position", "count"])
@@ -285,11 +324,12 @@ def test_counterfactuals_change_exactly_one_thing(samples, attribute):
             assert text == describe(parse_description(text), m["cue_first"])  # grammatical
             objects = parse_description(text)
             if attribute in ("color", "shape"):
-                changed = [(i, a) for i, (o, t) in enumerate(zip(objects, true_objects)) for a in ATTRS if o[a] != t[a]]
-                assert len(objects) == len(true_objects) and len(changed) == 1 and changed[0][1] == attribute
+                assert len(objects) == len(true_objects)
+                pairs = zip(objects, true_objects, strict=True)
+                changed = [a for o, t in pairs for a in ATTRS if o[a] != t[a]]
+                assert changed == [attribute]
             elif attribute == "position":
-                rest = lambda objs: sorted((o["shape"], o["color"], o["size"]) for o in objs)  # noqa: E731
-                assert rest(objects) == rest(true_objects)
+                assert sorted(map(unplaced, objects)) == sorted(map(unplaced, true_objects))
                 moved = {o["position"] for o in objects} ^ {o["position"] for o in true_objects}
                 assert len(moved) == 2 or (len(objects) == 3 and not moved)
             else:

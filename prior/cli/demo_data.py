@@ -23,7 +23,9 @@ def main(cfg: DictConfig) -> dict:
     corpus = CorpusConfig(seed=cfg.seed, **OmegaConf.to_container(cfg.corpus, resolve=True))
     summary = generate_corpus(corpus, cfg.out_dir)
     for split, counts in summary["splits"].items():
-        print(f"{split:>12}: {counts['num_samples']:6d} samples in {counts['num_shards']:3d} shards")
+        print(
+            f"{split:>12}: {counts['num_samples']:6d} samples in {counts['num_shards']:3d} shards"
+        )
     print(f"wrote {summary['out_dir']} in {summary['seconds']:.1f} s (seed {corpus.seed})")
     return summary
 

@@ -1,0 +1,1 @@
+"""Data: the demo corpus, tokenization, WebDataset streaming and weight sidecars."""

@@ -1,0 +1,269 @@
+"""The LightningDataModule every stage uses: shards -> decoded samples -> padded batches.
+
+A batch is a dict::
+
+    input_ids       [B, L] long, caption ids under the template of ``prior.data.tokenization``
+    attention_mask  [B, L] bool, False on padding
+    images          [B, 3, H, W] float in [0, 1]           (when ``with_images``)
+    image_mask      [B, H, W] bool, False on padding        (only when sizes differ in the batch)
+    keys, urls, captions, meta                              lists of per-sample values
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from prior.data.pipeline import SampleDecoder, ShardStream, SkipCounter, check_shard_count
+from prior.data.shards import ShardSet, resolve_shards
+from prior.data.tokenization import encode_caption, fingerprint, load_tokenizer, special_ids
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test", "predict")
+
+
+def collate(samples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Pad captions (and images of different sizes) into one batch with masks."""
+    if not samples:
+        raise ValueError("collate got an empty list of samples")
+    lengths = [len(s["input_ids"]) for s in samples]
+    ids = torch.full((len(samples), max(lengths)), pad_id, dtype=torch.long)
+    attn = torch.zeros(ids.shape, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        ids[i, : lengths[i]] = torch.as_tensor(s["input_ids"], dtype=torch.long)
+        attn[i, : lengths[i]] = True
+    batch: dict[str, Any] = {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "keys": [s["key"] for s in samples],
+        "urls": [s["url"] for s in samples],
+        "captions": [s["caption"] for s in samples],
+        "meta": [s["meta"] for s in samples],
+    }
+    if "image" in samples[0]:
+        images = [s["image"] for s in samples]
+        if all(im.shape == images[0].shape for im in images):
+            batch["images"] = torch.stack(images)
+        else:
+            h = max(im.shape[1] for im in images)
+            w = max(im.shape[2] for im in images)
+            batch["images"] = torch.zeros(len(images), 3, h, w)
+            batch["image_mask"] = torch.zeros(len(images), h, w, dtype=torch.bool)
+            for i, im in enumerate(images):
+                batch["images"][i, :, : im.shape[1], : im.shape[2]] = im
+                batch["image_mask"][i, : im.shape[1], : im.shape[2]] = True
+    for extra in set(samples[0]) - {"image", "input_ids", "key", "url", "caption", "meta"}:
+        batch[extra] = [s[extra] for s in samples]
+    return batch
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader over a training ShardStream: each ``iter()`` is a new data epoch with a fresh
+    shard order, and ``resume_from`` restarts the stream inside an epoch (after a checkpoint)."""
+
+    def __init__(self, dataset: ShardStream, *, batches_per_epoch: int, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.batches_per_epoch = batches_per_epoch
+        self.epoch = -1
+        self._resume: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def resume_from(self, epoch: int, batches_done: int) -> None:
+        """Make the next ``iter()`` continue data epoch ``epoch`` after ``batches_done`` batches."""
+        self._resume = (epoch, batches_done)
+
+    def __iter__(self):  # type: ignore[override]
+        epoch, done = self._resume if self._resume else (self.epoch + 1, 0)
+        self._resume = None
+        self.epoch = epoch
+        self.dataset.epoch = epoch
+        # Each worker forms its own batches and the loader takes them round-robin from worker 0,
+        # so resuming after `done` batches restarts at the last whole round and drops the rest.
+        workers = max(self.num_workers, 1)
+        rounds, extra = divmod(done, workers)
+        self.dataset.skip_samples = rounds * self.batch_size
+        iterator = super().__iter__()
+        for _ in range(extra):
+            next(iterator)
+        return iterator
+
+
+class ImageCaptionDataModule(L.LightningDataModule):
+    """Streams image-caption shards (img2dataset layout) for every stage.
+
+    ``with_images=False`` skips image decoding (the reference LM and weight scoring read captions
+    only). ``shards`` maps a split (train, val, test, predict) to a shard spec: a folder, a brace
+    pattern or a list (see ``prior.data.shards.resolve_shards``).
+    """
+
+    def __init__(
+        self,
+        shards: dict[str, Any],
+        tokenizer: str,
+        *,
+        max_length: int = 64,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        with_images: bool = True,
+        image_size: int = 32,
+        resize: str = "center_crop",
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        samples_per_epoch: int | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        unknown = set(shards) - set(SPLITS)
+        if unknown:
+            raise ValueError(f"Unknown split(s) {sorted(unknown)} in data.shards; use {SPLITS}.")
+        self.shard_specs = {k: v for k, v in shards.items() if v}
+        self.tokenizer_path = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.with_images = with_images
+        self.image_size = image_size
+        self.resize = resize
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.samples_per_epoch = samples_per_epoch
+        self.pin_memory = pin_memory
+        self.counter = SkipCounter()
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.pad_id = special_ids(self.tokenizer)[2]
+        self.fingerprint = fingerprint(self.tokenizer)
+        self._train_loader: EpochLoader | None = None
+        self._pending_state: dict[str, int] | None = None
+
+    # ------------------------------------------------------------------ building blocks
+
+    def encode(self, caption: str) -> list[int]:
+        """Caption -> ids with this module's tokenizer and max_length."""
+        return encode_caption(self.tokenizer, caption, self.max_length)
+
+    def shard_set(self, split: str) -> ShardSet:
+        """The resolved shards of a split, with a clear error when the split is not configured."""
+        if split not in self.shard_specs:
+            raise ValueError(
+                f"No shards configured for split {split!r}: set data.shards.{split} to a folder, "
+                "brace pattern or list of shards."
+            )
+        return resolve_shards(self.shard_specs[split])
+
+    def decoder(self) -> SampleDecoder:
+        return SampleDecoder(
+            encode=self.encode,
+            counter=self.counter,
+            with_images=self.with_images,
+            image_size=self.image_size,
+            resize=self.resize,
+        )
+
+    def _world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.world_size if trainer is not None else 1
+
+    # ------------------------------------------------------------------ loaders
+
+    def train_dataloader(self) -> EpochLoader:
+        shards = self.shard_set("train")
+        world = self._world_size()
+        check_shard_count(len(shards), world, self.num_workers, "The train split")
+        total = self.samples_per_epoch or shards.num_samples
+        if total is None:
+            raise ValueError(
+                "The train shards have no manifest or img2dataset *_stats.json with sample counts; "
+                "set data.samples_per_epoch to the number of training samples."
+            )
+        readers = world * max(self.num_workers, 1)
+        per_reader_batches = total // (readers * self.batch_size)
+        if per_reader_batches == 0:
+            raise ValueError(
+                f"{total} training samples are fewer than {readers} readers x batch size "
+                f"{self.batch_size}; lower data.batch_size or data.num_workers."
+            )
+        dataset = ShardStream(
+            shards.urls,
+            self.decoder(),
+            mode="train",
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            samples_per_reader=per_reader_batches * self.batch_size,
+        )
+        loader = EpochLoader(
+            dataset,
+            batches_per_epoch=per_reader_batches * max(self.num_workers, 1),
+            **self._loader_kwargs(self.batch_size),
+        )
+        if self._pending_state is not None:
+            loader.resume_from(**self._pending_state)
+            self._pending_state = None
+        self._train_loader = loader
+        return loader
+
+    def _once_loader(self, split: str) -> DataLoader:
+        shards = self.shard_set(split)
+        check_shard_count(len(shards), self._world_size(), self.num_workers, f"The {split} split")
+        dataset = ShardStream(shards.urls, self.decoder(), mode="once")
+        return DataLoader(dataset, **self._loader_kwargs(self.eval_batch_size))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._once_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._once_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._once_loader("predict")
+
+    def _loader_kwargs(self, batch_size: int) -> dict[str, Any]:
+        return {
+            "batch_size": batch_size,
+            "num_workers": self.num_workers,
+            "collate_fn": partial(collate, pad_id=self.pad_id),
+            "pin_memory": self.pin_memory,
+            "persistent_workers": False,
+        }
+
+    # ------------------------------------------------------------------ resume and reporting
+
+    def state_dict(self) -> dict[str, int]:
+        """The data position: the data epoch and the batches of it already trained on."""
+        if self._train_loader is None:
+            return {}
+        done = 0
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return {"epoch": self._train_loader.epoch, "batches_done": int(done)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if state_dict:
+            self._pending_state = {
+                "epoch": int(state_dict["epoch"]),
+                "batches_done": int(state_dict["batches_done"]),
+            }
+
+    def skipped(self) -> dict[str, int]:
+        """Samples skipped so far on this process, per reason."""
+        return self.counter.totals()
+
+    def skip_report(self) -> str:
+        """One line summarising skipped input, or an empty string when nothing was skipped."""
+        totals = {k: v for k, v in self.skipped().items() if v}
+        if not totals:
+            return ""
+        parts = ", ".join(f"{v} {k}" for k, v in totals.items())
+        return f"Skipped bad input: {parts} (see the warnings above for keys and shards)."
+

@@ -1,0 +1,278 @@
+"""Streaming image-caption samples from WebDataset shards, robust to bad input.
+
+A stream turns shards into decoded samples::
+
+    {"key", "url", "caption", "input_ids", "meta", "image"?}
+
+Bad input never crashes a run and is never dropped silently: a corrupt or truncated tar, an
+undecodable image, an empty caption or a sample missing its fields is skipped and counted in a
+``SkipCounter`` (shared memory, so counts made in DataLoader workers reach the main process),
+and the first few of each kind are logged with their key and shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image, ImageOps
+from torch.utils.data import IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SKIP_REASONS = ("corrupt_shard", "bad_image", "empty_caption", "missing_field", "bad_json")
+RESIZE_MODES = ("center_crop", "resize", "pad", "none")
+_MAX_WORKERS = 256
+_LOG_FIRST = 3
+
+
+class SkipCounter:
+    """Counts skipped samples per reason across DataLoader workers (one shared-memory row each)."""
+
+    def __init__(self) -> None:
+        self.table = torch.zeros(_MAX_WORKERS + 1, len(SKIP_REASONS), dtype=torch.int64)
+        self.table.share_memory_()
+
+    def add(self, reason: str, where: str, err: object = "") -> None:
+        """Count one skipped sample (or shard) and log the first few of each reason."""
+        info = get_worker_info()
+        row = 0 if info is None else info.id + 1
+        col = SKIP_REASONS.index(reason)
+        self.table[row, col] += 1
+        if int(self.table[row, col]) <= _LOG_FIRST:
+            log.warning("skipped (%s) %s: %s", reason, where, err)
+
+    def totals(self) -> dict[str, int]:
+        """Skips per reason, summed over workers."""
+        sums = self.table.sum(0).tolist()
+        return dict(zip(SKIP_REASONS, sums, strict=True))
+
+    def reset(self) -> None:
+        self.table.zero_()
+
+
+# --------------------------------------------------------------------------- images
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) to 8-bit RGB; alpha over white."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(canvas, img)
+    return img.convert("RGB")
+
+
+def resize_image(img: Image.Image, size: int, mode: str) -> Image.Image:
+    """Resize by policy: ``center_crop`` (shorter side to size, then crop), ``resize`` (squash),
+    ``pad`` (keep aspect, letterbox with black) or ``none`` (keep, but cap the longer side)."""
+    if mode == "center_crop":
+        return ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)
+    if mode == "resize":
+        return img.resize((size, size), Image.Resampling.BICUBIC)
+    if mode == "pad":
+        return ImageOps.pad(img, (size, size), Image.Resampling.BICUBIC, color=(0, 0, 0))
+    if mode == "none":
+        if max(img.size) > size:
+            img = ImageOps.contain(img, (size, size), Image.Resampling.BICUBIC)
+        return img
+    raise ValueError(f"Unknown resize mode {mode!r}; choose one of {RESIZE_MODES}.")
+
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float tensor [3, H, W] in [0, 1]."""
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+# --------------------------------------------------------------------------- samples
+
+
+@dataclass
+class SampleDecoder:
+    """Turns a raw WebDataset sample into a decoded one, or None (counted) when it is bad."""
+
+    encode: Callable[[str], list[int]]
+    counter: SkipCounter
+    with_images: bool = True
+    image_size: int = 32
+    resize: str = "center_crop"
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"Unknown resize mode {self.resize!r}; choose one of {RESIZE_MODES}.")
+
+    def __call__(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+        key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
+        where = f"{key} in {url}"
+        if "txt" not in raw:
+            self.counter.add("missing_field", where, "no txt caption")
+            return None
+        caption = raw["txt"].decode("utf-8", errors="replace").strip()
+        if not caption:
+            self.counter.add("empty_caption", where, "empty caption")
+            return None
+        meta: dict[str, Any] = {}
+        if "json" in raw:
+            try:
+                meta = json.loads(raw["json"])
+            except (ValueError, UnicodeDecodeError) as err:
+                self.counter.add("bad_json", where, err)
+                return None
+        sample: dict[str, Any] = {
+            "key": key,
+            "url": url,
+            "caption": caption,
+            "input_ids": self.encode(caption),
+            "meta": meta,
+        }
+        if self.with_images:
+            ext = next((e for e in IMAGE_EXTS if e in raw), None)
+            if ext is None:
+                self.counter.add("missing_field", where, f"no image ({'/'.join(IMAGE_EXTS)})")
+                return None
+            try:
+                with Image.open(io.BytesIO(raw[ext])) as img:
+                    img.load()
+                    rgb = resize_image(to_rgb(img), self.image_size, self.resize)
+            except Exception as err:  # PIL raises many types for bad bytes
+                self.counter.add("bad_image", where, err)
+                return None
+            sample["image"] = image_to_tensor(rgb)
+        return sample
+
+
+# --------------------------------------------------------------------------- streams
+
+
+def reader_slot() -> tuple[int, int]:
+    """(index, count) of this reader among all ranks x DataLoader workers."""
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    info = get_worker_info()
+    worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+    return rank * workers + worker, world * workers
+
+
+def check_shard_count(num_shards: int, world_size: int, num_workers: int, what: str) -> None:
+    """Fail early when some reader would get no shard (it would hang or starve its rank)."""
+    readers = world_size * max(num_workers, 1)
+    if num_shards < readers:
+        raise ValueError(
+            f"{what} has {num_shards} shard(s) but {world_size} rank(s) x {max(num_workers, 1)} "
+            f"worker(s) = {readers} readers; every reader needs at least one shard. Lower "
+            "`data.num_workers` or write the data in more shards."
+        )
+
+
+def raw_samples(urls: Sequence[str], counter: SkipCounter) -> Iterator[dict[str, Any]]:
+    """Raw samples of the given shards in order. A shard that cannot be opened or read to its end
+    is counted once as ``corrupt_shard`` and left; its complete samples before the damage are kept."""
+    for url in urls:
+        failed: list[Exception] = []
+
+        def handler(err: Exception, failed: list[Exception] = failed, url: str = url) -> bool:
+            if not failed:
+                counter.add("corrupt_shard", url, err)
+            failed.append(err)
+            return False  # stop reading this shard
+
+        yield from wds.tarfile_to_samples(handler=handler)(iter([{"url": url}]))
+
+
+class ShardStream(IterableDataset):
+    """Decoded samples from shards, split over ranks and DataLoader workers.
+
+    ``mode="once"`` reads every sample exactly once across all readers, in shard order (validation,
+    evaluation, weight scoring). ``mode="train"`` shuffles shards by ``(seed, epoch)`` and samples
+    in a buffer, and gives every reader exactly ``samples_per_reader`` samples per epoch, cycling
+    its shards if needed, so all ranks see the same number of batches.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        decoder: SampleDecoder,
+        *,
+        mode: str = "once",
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        samples_per_reader: int | None = None,
+    ) -> None:
+        if mode not in ("once", "train"):
+            raise ValueError(f"mode must be 'once' or 'train', got {mode!r}")
+        if mode == "train" and not samples_per_reader:
+            raise ValueError("mode='train' needs samples_per_reader")
+        self.urls = list(urls)
+        self.decoder = decoder
+        self.mode = mode
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.samples_per_reader = samples_per_reader
+        self.epoch = 0
+        # Samples each reader skips at the start of the epoch (set by EpochLoader on resume).
+        self.skip_samples = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        slot, slots = reader_slot()
+        check_shard_count(len(self.urls), slots, 1, "This shard set")
+        if self.mode == "once":
+            yield from self._decoded(self.urls[slot::slots])
+            return
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = [self.urls[i] for i in rng.permutation(len(self.urls))]
+        stream = self._passes(order[slot::slots], np.random.default_rng([self.seed, self.epoch, slot]))
+        for i, sample in enumerate(stream):
+            if i >= self.samples_per_reader:
+                return
+            if i >= self.skip_samples:
+                yield sample
+
+    def _decoded(self, urls: Sequence[str]) -> Iterator[dict[str, Any]]:
+        for raw in raw_samples(urls, self.decoder.counter):
+            sample = self.decoder(raw)
+            if sample is not None:
+                yield sample
+
+    def _passes(self, urls: Sequence[str], rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+        """Shuffled passes over this reader's shards, as many as asked for."""
+        while True:
+            produced = False
+            for sample in _shuffled(self._decoded(urls), self.shuffle_buffer, rng):
+                produced = True
+                yield sample
+            if not produced:
+                raise RuntimeError(f"Shards {list(urls)} yielded no valid sample; see the skip counts.")
+
+
+def _shuffled(
+    stream: Iterator[dict[str, Any]], bufsize: int, rng: np.random.Generator
+) -> Iterator[dict[str, Any]]:
+    """Shuffle a stream with a fixed-size buffer and a seeded generator."""
+    buf: list[dict[str, Any]] = []
+    for sample in stream:
+        buf.append(sample)
+        if len(buf) >= bufsize:
+            j = int(rng.integers(len(buf)))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            yield buf.pop()
+    while buf:
+        j = int(rng.integers(len(buf)))
+        buf[j], buf[-1] = buf[-1], buf[j]
+        yield buf.pop()

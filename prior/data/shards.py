@@ -1,0 +1,75 @@
+"""Finding shards and their sample counts (img2dataset layout, demo manifests, brace patterns)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import braceexpand
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """An ordered list of shard urls with their sample counts (None where unknown)."""
+
+    urls: tuple[str, ...]
+    counts: tuple[int | None, ...]
+
+    @property
+    def num_samples(self) -> int | None:
+        """Total samples, or None when some shard's count is unknown."""
+        return None if any(c is None for c in self.counts) else sum(self.counts)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.urls)
+
+
+def resolve_shards(spec: str | Path | list[str]) -> ShardSet:
+    """Expand a shard spec into a ShardSet.
+
+    ``spec`` is a folder of ``*.tar`` shards, a brace pattern (``data/train/{00000..00009}.tar``,
+    local paths or URLs) or a list of either. Sample counts come from the folder's
+    ``manifest.json`` (the demo corpus) or img2dataset's per-shard ``*_stats.json``.
+    """
+    items = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    urls: list[str] = []
+    for item in items:
+        item = str(item)
+        if Path(item).is_dir():
+            found = sorted(str(p) for p in Path(item).glob("*.tar"))
+            if not found:
+                raise FileNotFoundError(
+                    f"No *.tar shards in {item}. Generate the demo corpus with `make data` or point "
+                    "`data.<split>` at a folder of WebDataset shards."
+                )
+            urls.extend(found)
+        else:
+            urls.extend(braceexpand.braceexpand(item))
+    if not urls:
+        raise ValueError(f"Shard spec {spec!r} expands to no shards.")
+    for url in urls:
+        if "://" not in url and not url.startswith("pipe:") and not Path(url).exists():
+            raise FileNotFoundError(
+                f"Shard {url} does not exist. Check the path (relative paths start where the command "
+                "runs) or generate the demo corpus with `make data`."
+            )
+    return ShardSet(tuple(urls), tuple(_shard_count(u) for u in urls))
+
+
+def _shard_count(url: str) -> int | None:
+    if "://" in url or url.startswith("pipe:"):
+        return None
+    path = Path(url)
+    manifest = path.parent / MANIFEST
+    if manifest.exists():
+        for shard in json.loads(manifest.read_text()).get("shards", []):
+            if shard["name"] == path.name:
+                return int(shard["num_samples"])
+    stats = path.with_name(f"{path.stem}_stats.json")  # img2dataset
+    if stats.exists():
+        data = json.loads(stats.read_text())
+        return int(data.get("successes", data.get("count", 0)))
+    return None
