@@ -1,0 +1,2 @@
+"""Evaluation: model-agnostic metrics (``prior.eval.metrics``) and benchmark readers that yield
+uniform evaluation items (``prior.eval.benchmarks``)."""
