@@ -92,7 +92,7 @@ def test_round_trip_two_workers_each_sample_once(tmp_path, tokenizer_dir):
     read = keys_of(dm.predict_dataloader())
     assert len(read) == len(written)
     assert Counter(read) == Counter(written)
-    assert sum(dm.skipped().values()) == 0
+    assert sum(dm.counter.totals().values()) == 0
 
 
 def test_brace_pattern_and_counts_from_img2dataset_stats(tmp_path, tokenizer_dir):
@@ -135,14 +135,14 @@ def test_bad_input_is_skipped_and_counted(tmp_path, tokenizer_dir, caplog):
     (folder / "00002.tar").write_bytes(data[: len(data) // 2 + 100])
     dm = make_dm({"predict": str(folder)}, tokenizer_dir)
     read = keys_of(dm.predict_dataloader())
-    skipped = dm.skipped()
+    skipped = dm.counter.totals()
     assert skipped["bad_image"] == 1
     assert skipped["empty_caption"] == 1
     assert skipped["corrupt_shard"] == 1
     assert len(read) == len(set(read))
     assert "000000001" not in read and "000000003" not in read
     assert 8 + 1 <= len(read) <= 8 + 3  # the truncated shard yields its complete samples only
-    assert "bad_image" in dm.skip_report() and "corrupt_shard" in dm.skip_report()
+    assert "bad_image" in dm.counter.report() and "corrupt_shard" in dm.counter.report()
     assert any("000000001" in r.message for r in caplog.records)
 
 
@@ -192,4 +192,4 @@ def test_text_only_mode_does_not_decode_images(tmp_path, tokenizer_dir):
     dm = make_dm({"predict": str(tmp_path / "s")}, tokenizer_dir, with_images=False)
     batch = next(iter(dm.predict_dataloader()))
     assert "images" not in batch and len(batch["keys"]) == 3
-    assert dm.skipped()["bad_image"] == 0
+    assert dm.counter.totals()["bad_image"] == 0

@@ -35,9 +35,8 @@ def train_tokenizer(shards: str, out_dir: str, vocab_size: int, min_frequency: i
     tokenizer = train_bpe_tokenizer(captions(shards, counter), vocab_size, min_frequency)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)
-    skipped = {k: v for k, v in counter.totals().items() if v}
-    if skipped:
-        print(f"Skipped bad input while reading captions: {skipped}")
+    if counter.report():
+        print(counter.report())
     return fingerprint(tokenizer)
 
 

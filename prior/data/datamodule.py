@@ -6,6 +6,7 @@ A batch is a dict::
     attention_mask  [B, L] bool, False on padding
     images          [B, 3, H, W] float in [0, 1]           (when ``with_images``)
     image_mask      [B, H, W] bool, False on padding        (only when sizes differ in the batch)
+    ref_logprobs    [B, L-1] float, reference log-probs of input_ids[:, 1:]   (when ``with_weights``)
     keys, urls, captions, meta                              lists of per-sample values
 """
 
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from prior.data.pipeline import SampleDecoder, ShardStream, SkipCounter, check_shard_count
 from prior.data.shards import ShardSet, resolve_shards
+from prior.data.sidecars import WeightJoiner
 from prior.data.tokenization import encode_caption, fingerprint, load_tokenizer, special_ids
 
 log = logging.getLogger(__name__)
@@ -59,8 +61,11 @@ def collate(samples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
             for i, im in enumerate(images):
                 batch["images"][i, :, : im.shape[1], : im.shape[2]] = im
                 batch["image_mask"][i, : im.shape[1], : im.shape[2]] = True
-    for extra in set(samples[0]) - {"image", "input_ids", "key", "url", "caption", "meta"}:
-        batch[extra] = [s[extra] for s in samples]
+    if "ref_logprobs" in samples[0]:
+        ref = torch.zeros(len(samples), max(lengths) - 1)
+        for i, s in enumerate(samples):
+            ref[i, : lengths[i] - 1] = torch.as_tensor(s["ref_logprobs"], dtype=torch.float32)
+        batch["ref_logprobs"] = ref
     return batch
 
 
@@ -121,6 +126,8 @@ class ImageCaptionDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         samples_per_epoch: int | None = None,
         pin_memory: bool = False,
+        with_weights: bool = False,
+        sidecar_dir: str | None = None,
     ) -> None:
         super().__init__()
         unknown = set(shards) - set(SPLITS)
@@ -139,6 +146,8 @@ class ImageCaptionDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.samples_per_epoch = samples_per_epoch
         self.pin_memory = pin_memory
+        self.with_weights = with_weights
+        self.sidecar_dir = sidecar_dir
         self.counter = SkipCounter()
         self.tokenizer = load_tokenizer(tokenizer)
         self.pad_id = special_ids(self.tokenizer)[2]
@@ -147,10 +156,6 @@ class ImageCaptionDataModule(L.LightningDataModule):
         self._pending_state: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ building blocks
-
-    def encode(self, caption: str) -> list[int]:
-        """Caption -> ids with this module's tokenizer and max_length."""
-        return encode_caption(self.tokenizer, caption, self.max_length)
 
     def shard_set(self, split: str) -> ShardSet:
         """The resolved shards of a split, with a clear error when the split is not configured."""
@@ -161,13 +166,20 @@ class ImageCaptionDataModule(L.LightningDataModule):
             )
         return resolve_shards(self.shard_specs[split])
 
-    def decoder(self) -> SampleDecoder:
+    def decoder(self, shards: ShardSet, split: str) -> SampleDecoder:
+        """The sample decoder of a split; joins train/val weights (checking every sidecar first)."""
+        joiner = None
+        if self.with_weights and split in ("train", "val"):
+            joiner = WeightJoiner(self.fingerprint, self.sidecar_dir)
+            for url in shards.urls:
+                joiner.check(url)
         return SampleDecoder(
-            encode=self.encode,
+            encode=partial(encode_caption, self.tokenizer, max_length=self.max_length),
             counter=self.counter,
             with_images=self.with_images,
             image_size=self.image_size,
             resize=self.resize,
+            join_weights=joiner,
         )
 
     def _world_size(self) -> int:
@@ -195,7 +207,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
             )
         dataset = ShardStream(
             shards.urls,
-            self.decoder(),
+            self.decoder(shards, "train"),
             mode="train",
             seed=self.seed,
             shuffle_buffer=self.shuffle_buffer,
@@ -215,7 +227,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
     def _once_loader(self, split: str) -> DataLoader:
         shards = self.shard_set(split)
         check_shard_count(len(shards), self._world_size(), self.num_workers, f"The {split} split")
-        dataset = ShardStream(shards.urls, self.decoder(), mode="once")
+        dataset = ShardStream(shards.urls, self.decoder(shards, split), mode="once")
         return DataLoader(dataset, **self._loader_kwargs(self.eval_batch_size))
 
     def val_dataloader(self) -> DataLoader:
@@ -254,16 +266,3 @@ class ImageCaptionDataModule(L.LightningDataModule):
                 "epoch": int(state_dict["epoch"]),
                 "batches_done": int(state_dict["batches_done"]),
             }
-
-    def skipped(self) -> dict[str, int]:
-        """Samples skipped so far on this process, per reason."""
-        return self.counter.totals()
-
-    def skip_report(self) -> str:
-        """One line summarising skipped input, or an empty string when nothing was skipped."""
-        totals = {k: v for k, v in self.skipped().items() if v}
-        if not totals:
-            return ""
-        parts = ", ".join(f"{v} {k}" for k, v in totals.items())
-        return f"Skipped bad input: {parts} (see the warnings above for keys and shards)."
-

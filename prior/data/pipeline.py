@@ -55,8 +55,13 @@ class SkipCounter:
         sums = self.table.sum(0).tolist()
         return dict(zip(SKIP_REASONS, sums, strict=True))
 
-    def reset(self) -> None:
-        self.table.zero_()
+    def report(self) -> str:
+        """One line summarising skipped input, or an empty string when nothing was skipped."""
+        totals = {k: v for k, v in self.totals().items() if v}
+        if not totals:
+            return ""
+        parts = ", ".join(f"{v} {k}" for k, v in totals.items())
+        return f"Skipped bad input: {parts} (the warnings above name the first keys and shards)."
 
 
 # --------------------------------------------------------------------------- images
@@ -112,6 +117,8 @@ class SampleDecoder:
     with_images: bool = True
     image_size: int = 32
     resize: str = "center_crop"
+    # (url, key, input_ids) -> reference log-probs of input_ids[1:], from stage-2 sidecars
+    join_weights: Callable[[str, str, list[int]], Any] | None = None
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_MODES:
@@ -141,6 +148,8 @@ class SampleDecoder:
             "input_ids": self.encode(caption),
             "meta": meta,
         }
+        if self.join_weights is not None:
+            sample["ref_logprobs"] = self.join_weights(url, key, sample["input_ids"])
         if self.with_images:
             ext = next((e for e in IMAGE_EXTS if e in raw), None)
             if ext is None:

@@ -1,0 +1,33 @@
+"""`prior-train-ref`: stage 1, pre-train the text-only reference LM on captions.
+
+Trains ``model`` (a ReferenceLM) on the captions of ``data``, logs validation perplexity, and
+exports the final LM with its tokenizer as a Hugging Face folder at ``export_dir``.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from prior.cli._hydra import CONF_DIR
+from prior.cli.common import fit
+
+
+def train_reference(cfg: DictConfig) -> dict[str, float]:
+    """Train, export, and return the final metrics."""
+    trainer, model, _ = fit(cfg)
+    if trainer.is_global_zero:
+        folder = model.export(cfg.export_dir)
+        print(f"Reference LM exported to {folder}")
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train_ref")
+def main(cfg: DictConfig) -> None:
+    metrics = train_reference(cfg)
+    if "val/ppl" in metrics:
+        print(f"Validation perplexity: {metrics['val/ppl']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

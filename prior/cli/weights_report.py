@@ -1,0 +1,37 @@
+"""`prior-weights-report`: mean weight per token kind and an HTML page of weighted captions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from prior.cli._hydra import CONF_DIR
+from prior.data.tokenization import load_tokenizer
+from prior.eval.token_weights import render_html, scored_samples, weights_by_kind
+
+
+def weights_report(cfg: DictConfig) -> dict[str, dict[str, float]]:
+    """Compute the per-kind means, write the HTML page and a JSON beside it; return the means."""
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    shards = cfg.shards if isinstance(cfg.shards, str) else OmegaConf.to_container(cfg.shards, resolve=True)
+    samples = list(scored_samples(shards, tokenizer, cfg.sidecar_dir, cfg.max_length, cfg.limit))
+    stats = weights_by_kind(samples, tokenizer)
+    page = render_html(samples[: cfg.html_examples], tokenizer, stats, cfg.out)
+    Path(page).with_suffix(".json").write_text(json.dumps(stats, indent=2))
+    print(f"{'token kind':<14} {'mean weight':>11} {'tokens':>8}")
+    for kind, v in sorted(stats.items(), key=lambda kv: -kv[1]["mean"]):
+        print(f"{kind:<14} {v['mean']:>11.3f} {v['tokens']:>8}")
+    print(f"Token-weight page: {page}")
+    return stats
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="weights_report")
+def main(cfg: DictConfig) -> None:
+    weights_report(cfg)
+
+
+if __name__ == "__main__":
+    main()

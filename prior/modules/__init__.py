@@ -1,0 +1,1 @@
+"""The three LightningModules of the pipeline (reference LM, weight scorer, LVLM)."""

@@ -1,0 +1,70 @@
+"""What the training modules share: exact token-mean loss normalisation and optimizers from config.
+
+Token-mean normalisation: the loss of an optimizer step is the sum of per-token losses over every
+micro-batch of the accumulation window and every DDP rank, divided by the number of loss tokens in
+all of them. A mean of per-batch means is wrong when token counts differ (long and short captions),
+so each micro-batch backpropagates its loss *sum* and ``on_before_optimizer_step`` divides the
+accumulated gradients by the token count all-reduced over ranks, before gradient clipping.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+class TokenLossModule(L.LightningModule):
+    """Base class: ``token_sum_backward_value`` + exact gradient normalisation + optimizers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._window_tokens = torch.zeros((), dtype=torch.float64)
+
+    def token_sum_objective(self, loss_sum: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+        """What ``training_step`` returns for a micro-batch whose per-token losses sum to
+        ``loss_sum`` over ``num_tokens`` loss tokens; gradients are normalised at the step."""
+        self._window_tokens += num_tokens.detach().double().cpu()
+        # Lightning divides by accumulate_grad_batches and DDP averages over ranks: undo both.
+        return loss_sum * (self.trainer.accumulate_grad_batches * self.trainer.world_size)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        tokens = self._window_tokens.to(self.device)
+        tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+        scale = 1.0 / max(float(tokens), 1.0)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        self._window_tokens.zero_()
+
+    def configure_optimizers(self) -> Any:
+        """AdamW-style optimizer and optional step-wise scheduler from ``hparams``.
+
+        Biases and norm weights (1-d parameters) get no weight decay.
+        """
+        opt_cfg = dict(_plain(self.hparams.optimizer))
+        decay = opt_cfg.pop("weight_decay", 0.0)
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("No trainable parameters: check the freezing config (`train:`).")
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        optimizer = instantiate(opt_cfg, _partial_=True)([g for g in groups if g["params"]])
+        sched_cfg = _plain(self.hparams.get("scheduler"))
+        if not sched_cfg:
+            return optimizer
+        sched_cfg = dict(sched_cfg)
+        if sched_cfg.get("num_training_steps") is None and "num_training_steps" in sched_cfg:
+            sched_cfg["num_training_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = instantiate(sched_cfg, _partial_=True)(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
