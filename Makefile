@@ -12,10 +12,10 @@ STAMP       := $(VENV)/.installed
 DEMO_SIZE   ?= default
 ARGS        ?=
 
-.PHONY: help install test data tokenizer clean
+.PHONY: help install test data tokenizer train-ref weights weights-report train-lvlm clean
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-15s\033[0m %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON_BOOT) -m venv $(VENV)
@@ -32,8 +32,20 @@ test: install ## run the test suite
 data: install ## generate the demo corpus (DEMO_SIZE=tiny|small|default) under data/demo
 	$(VENV)/bin/prior-demo-data corpus=$(DEMO_SIZE) $(ARGS)
 
-tokenizer: data ## train the demo BPE tokenizer on the demo corpus captions
+tokenizer: install ## train the demo BPE tokenizer on the demo corpus captions
 	$(VENV)/bin/prior-tokenizer $(ARGS)
+
+train-ref: install ## stage 1: pre-train the text-only reference LM on the demo captions
+	$(VENV)/bin/prior-train-ref $(ARGS)
+
+weights: install ## stage 2: score every caption token with the reference LM (weight sidecars)
+	$(VENV)/bin/prior-weights $(ARGS)
+
+weights-report: install ## mean weight per token kind + HTML page of weighted captions
+	$(VENV)/bin/prior-weights-report $(ARGS)
+
+train-lvlm: install ## stage 3: train the LVLM (ARGS="backbone=visual_encoder loss=ntp ...")
+	$(VENV)/bin/prior-train-lvlm $(ARGS)
 
 clean: ## remove generated data, runs and artifacts (keeps .venv)
 	rm -rf data logs outputs multirun artifacts

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import random
 
 import lightning as L
+import numpy as np
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -34,3 +37,23 @@ class SkipReport(L.Callback):
 
     def on_predict_end(self, trainer, pl_module) -> None:  # noqa: D102
         self._report(trainer)
+
+
+class RNGState(L.Callback):
+    """Saves the Python, NumPy and torch random states in checkpoints and restores them on resume
+    (as plain lists and tensors, so checkpoints still load with ``weights_only``)."""
+
+    def state_dict(self) -> dict:  # noqa: D102
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        return {
+            "python": random.getstate(),
+            "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:  # noqa: D102
+        version, internal, gauss = state_dict["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, pos, has_gauss, gauss = state_dict["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        torch.set_rng_state(state_dict["torch"])

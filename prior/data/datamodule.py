@@ -257,7 +257,8 @@ class ImageCaptionDataModule(L.LightningDataModule):
         done = 0
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            # checkpoints are written in on_train_batch_end, before "completed" counts the batch
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return {"epoch": self._train_loader.epoch, "batches_done": int(done)}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:

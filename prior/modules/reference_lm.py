@@ -31,9 +31,10 @@ class ReferenceLM(TokenLossModule):
         scheduler: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        llm, optimizer, scheduler = map(_plain, (llm, optimizer, scheduler))
+        self.save_hyperparameters()  # plain containers, so checkpoints load with weights_only
         self.tokenizer = load_tokenizer(tokenizer)
-        self.model = build_llm(self.tokenizer, **_plain(llm))
+        self.model = build_llm(self.tokenizer, **llm)
         self.val_nll = MeanMetric()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,34 @@
+"""`prior-train-lvlm`: stage 3, train the LVLM with the PRIOR loss or plain NTP.
+
+Trains ``model`` (an LVLMModule: ``backbone`` + ``llm`` + ``loss``) on ``data`` and exports the
+final LVLM to ``export_dir`` for ``prior.load`` and ``prior-eval``.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from prior.cli._hydra import CONF_DIR
+from prior.cli.common import fit
+
+
+def train_lvlm(cfg: DictConfig) -> dict[str, float]:
+    """Train, export, and return the final metrics."""
+    trainer, model, _ = fit(cfg)
+    if trainer.is_global_zero:
+        folder = model.export(cfg.export_dir)
+        print(f"LVLM exported to {folder}")
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train_lvlm")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train_lvlm(cfg)
+    if "val/ntp_loss" in metrics:
+        print(f"Validation NTP loss: {metrics['val/ntp_loss']:.4f}")
+    return metrics.get("val/ntp_loss")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+
+import prior
+from prior.cli.common import build_trainer
+from prior.cli.train_lvlm import train_lvlm
+from prior.modules.base import TokenLossModule
+from tests.conftest import TINY_LLM, compose_config
+
+# Tiny stage-3 runs on the session's demo corpus (see conftest.demo).
+FAST = [*TINY_LLM, "data.batch_size=16", "data.eval_batch_size=64", "trainer.limit_val_batches=1",
+        "logger=csv", "scheduler.num_warmup_steps=2"]
+
+
+def lvlm_cfg(demo, *overrides: str, backbone: str = "encoder_free"):
+    return compose_config("train_lvlm", demo.root, [f"backbone={backbone}", *FAST, *overrides])
+
+
+def first_batch(cfg):
+    dm = instantiate(cfg.data)
+    return dm, next(iter(dm.train_dataloader()))
+
+
+@pytest.mark.parametrize("backbone", ["encoder_free", "visual_encoder"])
+def test_prior_with_equal_weights_is_exactly_ntp(demo, backbone):
+    cfg = lvlm_cfg(demo, "loss=prior", backbone=backbone)
+    _, batch = first_batch(cfg)
+    model = instantiate(cfg.model, _recursive_=False)
+    batch["ref_logprobs"] = torch.full_like(batch["ref_logprobs"], math.log(0.5))  # w = 0.5 exactly
+    r = model._losses(batch)
+    grads = torch.autograd.grad(r["objective_sum"], list(model.model.llm.parameters()))
+    ntp = model._losses(batch)
+    ntp_grads = torch.autograd.grad(ntp["ntp_sum"], list(model.model.llm.parameters()))
+    assert torch.allclose(r["objective_sum"], ntp["ntp_sum"], rtol=1e-6)
+    for g, h in zip(grads, ntp_grads, strict=True):
+        assert torch.allclose(g, h, rtol=1e-5, atol=1e-7)
+
+
+def test_prior_weights_change_the_loss_and_image_tokens_carry_none(demo):
+    cfg = lvlm_cfg(demo, "loss=prior")
+    _, batch = first_batch(cfg)
+    model = instantiate(cfg.model, _recursive_=False)
+    r = model._losses(batch)
+    assert not torch.allclose(r["objective_sum"], r["ntp_sum"])
+    assert r["mask"].shape == batch["input_ids"][:, 1:].shape  # caption tokens only
+    assert r["tokens"] == batch["attention_mask"][:, 1:].sum()
+
+
+def test_online_weights_equal_sidecar_weights(demo):
+    cfg = lvlm_cfg(demo, "loss=prior")
+    _, batch = first_batch(cfg)
+    online = instantiate(lvlm_cfg(demo, "loss=prior_online").model, _recursive_=False)
+    scored = online.ref_logprobs(batch)
+    mask = batch["attention_mask"][:, 1:]
+    assert torch.allclose(scored[mask], batch["ref_logprobs"][mask], atol=1e-5)
+    assert online._reference and not any(k.startswith("_reference") for k in online.state_dict())
+
+
+def test_multirun_over_losses_and_backbones(demo):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    cmd = [
+        sys.executable, "-m", "prior.cli.train_lvlm", "-m",
+        "loss=ntp,prior", "backbone=visual_encoder,encoder_free",
+        f"paths.root_dir={demo.root}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+        "checkpoint_every=2", *FAST,
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=demo.root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("LVLM exported to") == 4
+    exports = sorted((demo.root / "logs" / "train_lvlm" / "multiruns").glob("*/*/export/prior_lvlm.json"))
+    assert len(exports) == 4
+
+
+@pytest.mark.parametrize("experiment,tokens", [("paper_h_lvlm", 576), ("paper_u_lvlm", 16 * 17)])
+def test_paper_presets_compose_and_fit_on_meta(demo, experiment, tokens):
+    from prior.models.lvlm import build_lvlm
+
+    cfg = compose_config("train_lvlm", demo.root, [f"experiment={experiment}", "data.shards.train=x"])
+    assert cfg.model.backbone.name in ("visual_encoder", "encoder_free")
+    assert cfg.data.tokenizer == cfg.llm.name_or_path
+    llm = {**cfg.llm, "name_or_path": None}
+    backbone = {**cfg.backbone, "pretrained": False} if "pretrained" in cfg.backbone else cfg.backbone
+    with torch.device("meta"):
+        lvlm = build_lvlm(backbone, llm, tokenizer=None)
+        size = cfg.data.image_size
+        embeds, mask = lvlm.backbone(torch.zeros(1, 3, size, size), None)
+    hidden = lvlm.llm.config.hidden_size
+    assert embeds.shape == (1, tokens, hidden) and mask.shape == (1, tokens)
+    assert lvlm.llm.get_input_embeddings().weight.shape[0] == cfg.llm.config.vocab_size
+
+
+def test_train_export_load_generate_same_logits(demo, tmp_path):
+    cfg = lvlm_cfg(demo, "loss=prior", "trainer.max_steps=3", "trainer.val_check_interval=3",
+                   f"export_dir={tmp_path / 'export'}", f"paths.output_dir={tmp_path / 'run'}")
+    metrics = train_lvlm(cfg)
+    assert {"train/loss", "train/ntp_loss", "val/ntp_loss", "weights/weight_mean"} <= set(metrics)
+    _, batch = first_batch(cfg)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    from prior.modules.lvlm import LVLMModule
+
+    restored = LVLMModule.load_from_checkpoint(ckpt).eval()
+    loaded, tokenizer = prior.load(tmp_path / "export")
+    args = (batch["images"], batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        a = restored.model(*args).logits
+        b = loaded(*args).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    gen_a = restored.model.generate(batch["images"][:2], max_new_tokens=5)
+    gen_b = loaded.generate(batch["images"][:2], max_new_tokens=5)
+    assert gen_a == gen_b and all(len(g) <= 5 for g in gen_a)
+    assert isinstance(tokenizer.decode(gen_b[0]), str)
+
+
+def test_resume_restores_model_optimizer_scheduler_and_data_position(demo, tmp_path):
+    common = ["loss=prior", "trainer.max_steps=6", "trainer.val_check_interval=1000", "checkpoint_every=3",
+              "trainer.limit_val_batches=0", "scheduler.num_warmup_steps=2"]
+    full = lvlm_cfg(demo, *common, f"paths.output_dir={tmp_path / 'full'}", f"export_dir={tmp_path / 'a'}")
+    train_lvlm(full)
+    mid = tmp_path / "full" / "checkpoints" / "step000003.ckpt"
+    assert mid.exists()
+    resumed = lvlm_cfg(demo, *common, f"paths.output_dir={tmp_path / 'resumed'}", f"export_dir={tmp_path / 'b'}",
+                       f"ckpt_path={mid}")
+    train_lvlm(resumed)
+    a, _ = prior.load(tmp_path / "a")
+    b, _ = prior.load(tmp_path / "b")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+class _Linear(TokenLossModule):
+    """y = x @ w; per-token squared error as a stand-in for per-token cross-entropy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.save_hyperparameters({"optimizer": {"_target_": "torch.optim.SGD", "lr": 1.0}, "scheduler": None})
+        self.w = torch.nn.Parameter(torch.ones(3))
+
+    def training_step(self, batch, batch_idx):
+        x, mask = batch
+        per_token = ((x * self.w).sum(-1) - 1.0) ** 2
+        return self.token_sum_objective((per_token * mask).sum(), mask.sum())
+
+
+def test_gradient_is_the_token_mean_over_the_accumulation_window():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3)
+    masks = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float32)  # 5 and 1 tokens
+    batches = [(x[i : i + 1], masks[i : i + 1]) for i in range(2)]
+    model = _Linear()
+    trainer = L.Trainer(max_steps=1, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, train_dataloaders=batches)
+    w = torch.ones(3, requires_grad=True)
+    per_token = ((x * w).sum(-1) - 1.0) ** 2
+    ((per_token * masks).sum() / masks.sum()).backward()
+    assert torch.allclose(model.w.detach(), torch.ones(3) - w.grad, atol=1e-6)
+
+
+def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    from prior.callbacks import RNGState
+
+    cb = RNGState()
+    torch.save(cb.state_dict(), tmp_path / "rng.pt")
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    cb.load_state_dict(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
