@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import random
+import time
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -57,3 +59,108 @@ class RNGState(L.Callback):
         kind, keys, pos, has_gauss, gauss = state_dict["numpy"]
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
         torch.set_rng_state(state_dict["torch"])
+
+
+class Throughput(L.Callback):
+    """Logs training throughput, ``throughput/samples_per_s`` and ``throughput/tokens_per_s``
+    (caption tokens), measured between batch ends, so data loading time counts."""
+
+    def __init__(self) -> None:
+        self._last: float | None = None
+        self._samples = 0
+        self._tokens = 0
+        self._seconds = 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        now = time.perf_counter()
+        if self._last is not None:
+            self._seconds += now - self._last
+            self._samples += int(batch["input_ids"].shape[0])
+            self._tokens += int(batch["attention_mask"].sum())
+        self._last = now
+        if self._seconds > 0 and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+            pl_module.log("throughput/samples_per_s", self._samples / self._seconds)
+            pl_module.log("throughput/tokens_per_s", self._tokens / self._seconds)
+            self._samples, self._tokens, self._seconds = 0, 0, 0.0
+
+    def on_validation_start(self, trainer, pl_module) -> None:  # noqa: D102
+        self._last = None  # validation time is not training throughput
+
+
+def _wandb(trainer: L.Trainer) -> Any | None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
+
+class WeightHistogram(L.Callback):
+    """Every ``every_n_steps``, a histogram of the PRIOR weights of the batch's loss tokens
+    (wandb and tensorboard loggers; the module exposes them as ``last_weights``)."""
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        values = getattr(pl_module, "last_weights", None)
+        if values is None or not trainer.is_global_zero or trainer.global_step % self.every_n_steps:
+            return
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for lg in trainer.loggers:
+            if isinstance(lg, TensorBoardLogger):
+                lg.experiment.add_histogram("weights/histogram", values.float().cpu(), trainer.global_step)
+        wb = _wandb(trainer)
+        if wb is not None:
+            import wandb
+
+            wb.experiment.log(
+                {"weights/histogram": wandb.Histogram(values.float().cpu().numpy()), "trainer/global_step": trainer.global_step}
+            )
+
+
+def weighted_caption_html(tokenizer: Any, ids: list[int], weights: list[float]) -> str:
+    """Caption tokens as HTML, each shaded by its PRIOR weight (darker = more weight)."""
+    import html
+
+    cells = [
+        f'<span title="{w:.2f}" style="background: rgba(220,40,90,{w:.2f})">{html.escape(tokenizer.decode([t]))}</span>'
+        for t, w in zip(ids, weights, strict=False)
+    ]
+    return f'<div style="font-family: sans-serif; white-space: pre-wrap">{"".join(cells)}</div>'
+
+
+class SampleTable(L.Callback):
+    """Every ``every_n_steps``, a wandb table of training images with their caption tokens shaded
+    by weight and the model's greedy caption (skipped without a wandb logger or images)."""
+
+    def __init__(self, every_n_steps: int = 200, num_samples: int = 8, max_new_tokens: int = 48) -> None:
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.max_new_tokens = max_new_tokens
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        step = trainer.global_step
+        wb = _wandb(trainer)
+        if wb is None or "images" not in batch or not trainer.is_global_zero or step % self.every_n_steps:
+            return
+        import wandb
+
+        n = min(self.num_samples, batch["images"].shape[0])
+        images = batch["images"][:n]
+        mask = batch.get("image_mask")
+        was_training = pl_module.model.training
+        pl_module.model.eval()
+        generated = pl_module.model.generate(
+            images, max_new_tokens=self.max_new_tokens, image_mask=None if mask is None else mask[:n]
+        )
+        pl_module.model.train(was_training)
+        ref = pl_module.ref_logprobs({k: v[:n] if hasattr(v, "__getitem__") else v for k, v in batch.items()})
+        weights = (1 - ref.exp()).tolist() if ref is not None else None
+        tok = pl_module.tokenizer
+        table = wandb.Table(columns=["image", "caption (shaded by weight)", "generated"])
+        for i in range(n):
+            length = int(batch["attention_mask"][i].sum())
+            ids = batch["input_ids"][i, 1:length].tolist()
+            shaded = weighted_caption_html(tok, ids, weights[i] if weights else [0.0] * len(ids))
+            table.add_data(wandb.Image(images[i].permute(1, 2, 0).cpu().numpy()), wandb.Html(shaded), tok.decode(generated[i]))
+        wb.experiment.log({"samples": table, "trainer/global_step": step})

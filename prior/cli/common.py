@@ -9,6 +9,8 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from prior.loggers import finish_runs, remember_run_ids
+
 log = logging.getLogger(__name__)
 
 
@@ -34,7 +36,12 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, L.LightningDataM
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, _recursive_=False)
     trainer = build_trainer(cfg)
+    if trainer.is_global_zero:
+        remember_run_ids(trainer.loggers, cfg.paths.output_dir)
     for lg in trainer.loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    finally:
+        finish_runs(trainer.loggers)
     return trainer, model, datamodule

@@ -58,6 +58,7 @@ class LVLMModule(TokenLossModule):
         self._reference: list[torch.nn.Module] = []  # kept out of the state dict and optimizer
         if self.loss_name == "prior_online":
             self._reference.append(self._load_reference(loss.get("reference")))
+        self.last_weights: torch.Tensor | None = None  # for the weight histogram callback
         self.val_ntp = MeanMetric()
         self.val_prior = MeanMetric()
 
@@ -109,6 +110,7 @@ class LVLMModule(TokenLossModule):
         self.log("train/loss", r["objective_sum"].detach() / n, prog_bar=True, batch_size=bs)
         self.log("train/ntp_loss", r["ntp_sum"].detach() / n, batch_size=bs)
         if "weights" in r:
+            self.last_weights = r["weights"][r["mask"]].detach()
             for name, value in weight_stats(r["weights"], r["mask"]).items():
                 self.log(f"weights/{name}", value, batch_size=bs)
         return self.token_sum_objective(r["objective_sum"], r["tokens"])

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from prior.cli.train_lvlm import train_lvlm
+from prior.loggers import RUN_ID_FILE
+from tests.test_lvlm_training import FAST, lvlm_cfg
+
+WANDB_VARS = ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_MODE", "WANDB_API_KEY")
+
+
+def files_under(path: Path) -> set[Path]:
+    return {p for p in path.rglob("*") if p.is_file()}
+
+
+def test_wandb_offline_by_default_inside_the_run_folder_and_resume_continues_the_run(demo, tmp_path, monkeypatch):
+    for var in WANDB_VARS:
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    overrides = [o for o in FAST if o != "logger=csv"]
+    run1 = tmp_path / "run1"
+    cfg = lvlm_cfg(demo, "logger=wandb", "trainer.max_steps=2", "checkpoint_every=2", "trainer.val_check_interval=2",
+                   "callbacks.sample_table.every_n_steps=1", "callbacks.weight_histogram.every_n_steps=1",
+                   "trainer.log_every_n_steps=1",
+                   f"paths.output_dir={run1}", f"export_dir={tmp_path / 'e1'}", *overrides)
+    metrics = train_lvlm(cfg)
+    assert "throughput/samples_per_s" in metrics and metrics["throughput/tokens_per_s"] > 0
+    offline = list((run1 / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    run_id = (run1 / RUN_ID_FILE).read_text().strip()
+    assert offline[0].name.endswith(run_id)
+    assert not files_under(home), files_under(home)
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("home", "run1", "e1")]
+    # the offline run holds the sample table and the weight histogram
+    history = next(offline[0].glob("*.wandb")).read_bytes()
+    assert b"samples" in history and b"weights/histogram" in history
+
+    run2 = tmp_path / "run2"
+    resumed = lvlm_cfg(demo, "logger=wandb", "trainer.max_steps=4", "checkpoint_every=2", "trainer.val_check_interval=2",
+                       f"paths.output_dir={run2}", f"export_dir={tmp_path / 'e2'}",
+                       f"ckpt_path={run1 / 'checkpoints' / 'last.ckpt'}", *overrides)
+    train_lvlm(resumed)
+    assert (run2 / RUN_ID_FILE).read_text().strip() == run_id
+    assert any(p.name.endswith(run_id) for p in (run2 / "wandb").glob("offline-run-*"))
