@@ -12,7 +12,8 @@ STAMP       := $(VENV)/.installed
 DEMO_SIZE   ?= default
 ARGS        ?=
 
-.PHONY: help install test data tokenizer train-ref weights weights-report train-lvlm clean
+# `make demo` is the main job: the whole pipeline on the built-in corpus, then PRIOR vs NTP.
+.PHONY: help install demo test data tokenizer train-ref weights weights-report train-lvlm eval clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-15s\033[0m %s\n", $$1, $$2}'
@@ -25,6 +26,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install the project with its dev extras
+
+demo: install ## the whole pipeline on the demo corpus, then the PRIOR-vs-NTP table (DEMO_SIZE=tiny for a smoke run)
+	$(VENV)/bin/prior-demo demo_size=$(DEMO_SIZE) $(ARGS)
 
 test: install ## run the test suite
 	$(PY) -m pytest
@@ -46,6 +50,9 @@ weights-report: install ## mean weight per token kind + HTML page of weighted ca
 
 train-lvlm: install ## stage 3: train the LVLM (ARGS="backbone=visual_encoder loss=ntp ...")
 	$(VENV)/bin/prior-train-lvlm $(ARGS)
+
+eval: install ## evaluate an exported LVLM (ARGS="model=logs/train_lvlm/runs/<run>/export splits=[test_counter]")
+	$(VENV)/bin/prior-eval $(ARGS)
 
 clean: ## remove generated data, runs and artifacts (keeps .venv)
 	rm -rf data logs outputs multirun artifacts

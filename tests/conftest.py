@@ -23,15 +23,9 @@ import pytest  # noqa: E402
 
 def compose_config(name: str, root: Path, overrides: list[str] = ()):  # noqa: ANN201
     """Compose one of the project's real root configs with every path under ``root``."""
-    from hydra import compose, initialize_config_dir
+    from prior.cli.common import compose_config as compose
 
-    from prior.cli._hydra import CONF_DIR
-
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        return compose(
-            name,
-            overrides=[f"paths.root_dir={root}", f"paths.output_dir={root}/runs/{name}", *overrides],
-        )
+    return compose(name, [f"paths.root_dir={root}", f"paths.output_dir={root}/runs/{name}", *overrides])
 
 
 #: The tiny LM every pipeline test uses (the tiny_llama preset, narrowed to width 64).

@@ -9,9 +9,21 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from prior.cli._hydra import CONF_DIR
 from prior.loggers import finish_runs, remember_run_ids
 
 log = logging.getLogger(__name__)
+
+
+def compose_config(name: str, overrides: list[str] = ()) -> DictConfig:
+    """Compose one of the project's root configs (as its entry point would) with overrides."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app: use its search path
+        return compose(name, overrides=list(overrides))
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return compose(name, overrides=list(overrides))
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:

@@ -1,0 +1,399 @@
+"""Running an LVLM over an evaluation benchmark: likelihood scoring, greedy generation, metrics.
+
+``evaluate`` turns a stream of ``EvalItem``s (``prior.eval.benchmarks``) into an ``EvalResult``
+whose ``metrics`` hold, where the benchmark has the data for them (a metric without data is
+left out rather than reported as nan):
+
+* ``choice_accuracy`` and ``choice_accuracy_<attribute>`` (color, shape, count, position): the
+  true description against its one-attribute counterfactuals, scored by the model's summed
+  log-likelihood (``prior.eval.metrics.choice_accuracy_by_attribute``; the overall figure pools
+  every (item, attribute) choice);
+* ``prior_pick_rate``: over the counter-prior objects of demo items, how often the description
+  with the shape's typical colour outscores the true one (lower is better);
+* ``nll`` and ``perplexity``: token-weighted over the reference captions (``meta["caption"]``,
+  else ``reference``) with their EOS;
+* with ``generate``: greedy captions, ``postprocess``-ed (``demo_description`` for the demo),
+  parsed with ``parse_description`` into ``generation_metrics`` against ``truth_objects``, and
+  ``bleu4`` / ``rouge_l`` against the reference (all of ``meta["references"]`` when present).
+
+Every text is scored on its own image, so results depend on the items only, not on
+``batch_size`` (beyond float rounding in the model's kernels): per-item scores are summed in
+float64 and the corpus metrics use the batch-invariant accumulators of ``prior.eval.metrics``.
+
+``write_results`` writes ``eval.json`` and ``eval.md`` (a metric x split markdown table).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from prior.data.demo_corpus import parse_description
+from prior.data.tokenization import encode_caption, special_ids
+from prior.eval.benchmarks import EvalItem, typical_color_counterfactuals
+from prior.eval.metrics import (
+    METRIC_DIRECTIONS,
+    GenerationCounts,
+    TextMetricAccumulator,
+    choice_accuracy_by_attribute,
+    perplexity,
+    prior_pick_rate,
+)
+from prior.loss import token_cross_entropy
+from prior.models.lvlm import LVLM
+
+JSON_FILE = "eval.json"
+MARKDOWN_FILE = "eval.md"
+
+_DESCRIPTION = re.compile(r"\b(?:one|two|three) shapes?:", re.IGNORECASE)
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one evaluated split, with the first items' generations for logging tables.
+
+    Each sample holds ``key``, ``image`` ([3, H, W] tensor), ``reference``, ``generation`` (the
+    decoded greedy caption, None without generation), ``prediction`` (its postprocessed text),
+    ``objects`` (parsed from the prediction) and ``truth`` (the item's truth objects or None).
+    ``skipped`` counts the benchmark's skipped samples per reason (reasons with none left out).
+    """
+
+    metrics: dict[str, float]
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    num_items: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def demo_description(text: str) -> str:
+    """The description inside a demo web-style caption: from its count word ("one|two|three
+    shape(s):") up to the first "." after it (or the end); the whole text, stripped, if there
+    is no count word."""
+    match = _DESCRIPTION.search(text)
+    if match is None:
+        return text.strip()
+    end = text.find(".", match.end())
+    return text[match.start() : end if end >= 0 else len(text)].strip()
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def sequence_logprobs(
+    lvlm: LVLM,
+    tokenizer: PreTrainedTokenizerBase,
+    images: Tensor,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 128,
+    max_length: int = 80,
+    with_eos: bool = False,
+) -> list[float]:
+    """Summed log-probability of each text's caption tokens given its image (``images[i]`` for
+    ``texts[i]``), in eval mode without gradient.
+
+    The tokens are ``encode_caption(...)[1:]`` (truncated to ``max_length`` ids in all), without
+    the final EOS unless ``with_eos``; a text without tokens scores 0.
+    """
+    if images.dim() != 4 or images.shape[0] != len(texts):
+        raise ValueError(
+            f"images {tuple(images.shape)} must be [N, 3, H, W] with one image per text (N = {len(texts)})"
+        )
+    pairs = [(i, _caption_ids(tokenizer, t, max_length, with_eos=with_eos)) for i, t in enumerate(texts)]
+    with _eval_mode(lvlm):
+        logprobs, _ = _score(lvlm, tokenizer, list(images), pairs, batch_size)
+    return logprobs
+
+
+def _caption_ids(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int, *, with_eos: bool) -> list[int]:
+    """``[BOS] ids [EOS]`` of ``text``, without the EOS unless ``with_eos``."""
+    ids = encode_caption(tokenizer, text, max_length)
+    if not with_eos and len(ids) > 1 and ids[-1] == special_ids(tokenizer)[1]:
+        ids = ids[:-1]
+    return ids
+
+
+def _score(
+    lvlm: LVLM,
+    tokenizer: PreTrainedTokenizerBase,
+    images: Sequence[Tensor],
+    pairs: Sequence[tuple[int, list[int]]],
+    batch_size: int,
+) -> tuple[list[float], list[int]]:
+    """Summed log-probability and token count of each (image index, caption ids) pair."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pad = special_ids(tokenizer)[2]
+    device, dtype = _device_dtype(lvlm)
+    logprobs: list[float] = []
+    counts: list[int] = []
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            length = max(2, *(len(ids) for _, ids in chunk))
+            input_ids = torch.full((len(chunk), length), pad, dtype=torch.long)
+            attention = torch.zeros(input_ids.shape, dtype=torch.bool)
+            for row, (_, ids) in enumerate(chunk):
+                input_ids[row, : len(ids)] = torch.as_tensor(ids)
+                attention[row, : len(ids)] = True
+            batch, image_mask = _batch_images([images[i] for i, _ in chunk], device, dtype)
+            out = lvlm(batch, input_ids.to(device), attention.to(device), image_mask)
+            ce = token_cross_entropy(out.logits, out.targets, out.loss_mask)
+            logprobs += (-ce.double().sum(dim=1)).tolist()
+            counts += [len(ids) - 1 for _, ids in chunk]
+    return logprobs, counts
+
+
+def _generate(
+    lvlm: LVLM,
+    tokenizer: PreTrainedTokenizerBase,
+    images: Sequence[Tensor],
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy captions of ``images``, decoded without special tokens."""
+    device, dtype = _device_dtype(lvlm)
+    batch, image_mask = _batch_images(images, device, dtype)
+    ids = lvlm.generate(batch, max_new_tokens=max_new_tokens, image_mask=image_mask)
+    return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def _device_dtype(lvlm: LVLM) -> tuple[torch.device, torch.dtype]:
+    """The model's device and the dtype images are fed in (its backbone's parameters')."""
+    param = next(lvlm.backbone.parameters(), None)
+    if param is None:
+        param = next(lvlm.parameters())
+    return param.device, param.dtype
+
+
+def _batch_images(
+    images: Sequence[Tensor], device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None]:
+    """Images as one batch, zero-padded top-left with an ``image_mask`` when their sizes differ."""
+    if all(im.shape == images[0].shape for im in images):
+        return torch.stack(list(images)).to(device, dtype), None
+    h = max(im.shape[1] for im in images)
+    w = max(im.shape[2] for im in images)
+    batch = torch.zeros(len(images), 3, h, w)
+    mask = torch.zeros(len(images), h, w, dtype=torch.bool)
+    for i, im in enumerate(images):
+        batch[i, :, : im.shape[1], : im.shape[2]] = im
+        mask[i, : im.shape[1], : im.shape[2]] = True
+    return batch.to(device, dtype), mask.to(device)
+
+
+@contextlib.contextmanager
+def _eval_mode(lvlm: LVLM) -> Iterator[None]:
+    """Eval mode inside the block; the previous mode is restored afterwards."""
+    was_training = lvlm.training
+    lvlm.eval()
+    try:
+        yield
+    finally:
+        lvlm.train(was_training)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class _Tally:
+    """Everything ``evaluate`` accumulates over the items."""
+
+    true_scores: list[float] = field(default_factory=list)
+    counterfactual_scores: list[dict[str, list[float]]] = field(default_factory=list)
+    prior_true: list[float] = field(default_factory=list)
+    prior_typical: list[float | None] = field(default_factory=list)
+    nll_sum: float = 0.0
+    tokens: int = 0
+    generation: GenerationCounts = field(default_factory=GenerationCounts)
+    truth_captions: int = 0
+    text: TextMetricAccumulator = field(default_factory=TextMetricAccumulator)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    items: int = 0
+
+    def metrics(self) -> dict[str, float]:
+        """The metrics the tallied data supports."""
+        out: dict[str, float] = {}
+        if self.true_scores:
+            choices = choice_accuracy_by_attribute(self.true_scores, self.counterfactual_scores)
+            if choices["all"].scored:
+                out["choice_accuracy"] = choices["all"].accuracy
+            for attr, result in choices.items():
+                if attr != "all" and result.scored:
+                    out[f"choice_accuracy_{attr}"] = result.accuracy
+        if self.prior_typical:
+            out["prior_pick_rate"] = prior_pick_rate(self.prior_true, self.prior_typical)
+        if self.tokens:
+            out["nll"] = self.nll_sum / self.tokens
+            out["perplexity"] = perplexity(self.nll_sum, self.tokens)
+        if self.truth_captions:
+            out.update(self.generation.compute())
+        if self.text.count:
+            out.update(self.text.compute())
+        return out
+
+
+def evaluate(
+    lvlm: LVLM,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Iterable[EvalItem],
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 48,
+    max_length: int = 80,
+    generate: bool = True,
+    postprocess: Callable[[str], str] | None = None,
+    num_samples: int = 16,
+) -> EvalResult:
+    """Score, and with ``generate`` caption, every item; the metrics are described in the module
+    docstring.
+
+    ``batch_size`` is both the number of (image, text) pairs per scoring forward and the number
+    of images per generation batch; ``max_length`` caps the ids of every scored text (as in
+    training); ``postprocess`` maps a generated caption to the text compared with the
+    references and parsed for objects (identity when None); the first ``num_samples`` items
+    are kept in ``EvalResult.samples``. The model is evaluated in eval mode without gradient
+    and left in the mode it was in.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    tally = _Tally()
+    iterator = iter(items)
+    with _eval_mode(lvlm):
+        while chunk := list(itertools.islice(iterator, batch_size)):
+            _evaluate_chunk(
+                lvlm, tokenizer, chunk, tally,
+                batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length,
+                generate=generate, postprocess=postprocess, num_samples=num_samples,
+            )  # fmt: skip
+    skipped = {reason: n for reason, n in getattr(items, "skipped", {}).items() if n}
+    if tally.items == 0:
+        raise ValueError(
+            f"No items to evaluate (skipped samples: {skipped or 'none'}): check the benchmark's paths."
+        )
+    return EvalResult(metrics=tally.metrics(), samples=tally.samples, num_items=tally.items, skipped=skipped)
+
+
+def _evaluate_chunk(
+    lvlm: LVLM,
+    tokenizer: PreTrainedTokenizerBase,
+    chunk: list[EvalItem],
+    tally: _Tally,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    max_length: int,
+    generate: bool,
+    postprocess: Callable[[str], str] | None,
+    num_samples: int,
+) -> None:
+    """Add a chunk of items to ``tally``."""
+    # Every distinct description of an item is scored once on its image; then its caption.
+    choice_texts: list[list[str]] = []
+    for item in chunk:
+        texts = [item.reference, *(t for ts in item.candidates.values() for t in ts)]
+        if _has_prior_info(item):
+            texts += typical_color_counterfactuals(item.meta)
+        choice_texts.append(list(dict.fromkeys(texts)))
+    pairs = [
+        (i, _caption_ids(tokenizer, text, max_length, with_eos=False))
+        for i, texts in enumerate(choice_texts)
+        for text in texts
+    ]
+    captions = [item.meta.get("caption", item.reference) for item in chunk]
+    pairs += [(i, _caption_ids(tokenizer, c, max_length, with_eos=True)) for i, c in enumerate(captions)]
+    images = [item.image for item in chunk]
+    logprobs, counts = _score(lvlm, tokenizer, images, pairs, batch_size)
+
+    offset = 0
+    for item, texts in zip(chunk, choice_texts, strict=True):
+        score = dict(zip(texts, logprobs[offset : offset + len(texts)], strict=True))
+        offset += len(texts)
+        if any(item.candidates.values()):
+            tally.true_scores.append(score[item.reference])
+            tally.counterfactual_scores.append({a: [score[t] for t in ts] for a, ts in item.candidates.items()})
+        if _has_prior_info(item):
+            for typical in typical_color_counterfactuals(item.meta):
+                tally.prior_true.append(score[item.reference])
+                tally.prior_typical.append(score[typical])
+    tally.nll_sum -= sum(logprobs[offset:])
+    tally.tokens += sum(counts[offset:])
+
+    generations: list[str | None] = [None] * len(chunk)
+    predictions: list[str | None] = [None] * len(chunk)
+    parsed: list[list[dict] | None] = [None] * len(chunk)
+    if generate:
+        generations = list(_generate(lvlm, tokenizer, images, max_new_tokens))
+        predictions = [postprocess(g) if postprocess else g for g in generations]
+        parsed = [parse_description(p) for p in predictions]
+        with_truth = [i for i, item in enumerate(chunk) if item.truth_objects is not None]
+        tally.generation.update([parsed[i] for i in with_truth], [chunk[i].truth_objects for i in with_truth])
+        tally.truth_captions += len(with_truth)
+        tally.text.update(predictions, [item.meta.get("references") or item.reference for item in chunk])
+
+    for i, item in enumerate(chunk):
+        if len(tally.samples) < num_samples:
+            tally.samples.append(
+                {
+                    "key": item.key,
+                    "image": item.image,
+                    "reference": item.reference,
+                    "generation": generations[i],
+                    "prediction": predictions[i],
+                    "objects": parsed[i],
+                    "truth": item.truth_objects,
+                }
+            )
+    tally.items += len(chunk)
+
+
+def _has_prior_info(item: EvalItem) -> bool:
+    """Whether ``item.meta`` describes demo objects (for ``typical_color_counterfactuals``)."""
+    return {"objects", "cue_first"} <= item.meta.keys()
+
+
+# --------------------------------------------------------------------------- results
+
+
+def markdown_table(result_by_split: dict[str, EvalResult]) -> str:
+    """A markdown table: one row per metric (known ones in ``METRIC_DIRECTIONS`` order, then the
+    others as first seen) plus the item count, one column per split; "-" where a split has no value."""
+    splits = list(result_by_split)
+    seen = dict.fromkeys(name for r in result_by_split.values() for name in r.metrics)
+    names = [n for n in METRIC_DIRECTIONS if n in seen] + [n for n in seen if n not in METRIC_DIRECTIONS]
+    lines = [
+        "| metric | " + " | ".join(splits) + " |",
+        "|---|" + "---:|" * len(splits),
+    ]
+    for name in names:
+        cells = [
+            f"{result_by_split[s].metrics[name]:.4f}" if name in result_by_split[s].metrics else "-" for s in splits
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| items | " + " | ".join(str(result_by_split[s].num_items) for s in splits) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(result_by_split: dict[str, EvalResult], folder: str | Path) -> tuple[Path, Path]:
+    """Write ``eval.json`` (per split: ``metrics``, ``num_items``, ``skipped``) and ``eval.md``
+    (``markdown_table``) into ``folder``; return their paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {
+        split: {"metrics": r.metrics, "num_items": r.num_items, "skipped": r.skipped}
+        for split, r in result_by_split.items()
+    }
+    json_path = folder / JSON_FILE
+    md_path = folder / MARKDOWN_FILE
+    json_path.write_text(json.dumps(data, indent=2))
+    md_path.write_text(markdown_table(result_by_split))
+    return json_path, md_path
