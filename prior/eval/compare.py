@@ -44,7 +44,23 @@ KEY_METRICS: tuple[str, ...] = (
     "test/perplexity",
 )
 
+#: Metrics without an upper bound: their change is shown but not averaged.
+UNBOUNDED: frozenset[str] = frozenset({"perplexity", "nll"})
+
 Curve = dict[str, list[tuple[int, float]]]  # "split/metric" -> [(step, value)]
+
+
+def change(metric: str, ntp: float, prior: float) -> float:
+    """PRIOR's relative change over NTP, positive when PRIOR is better.
+
+    Rates where lower is better (hallucination, prior picks, missing objects) compare as
+    ``1 - rate`` (the share done right), so a change is bounded like an accuracy's; unbounded
+    metrics (perplexity) compare as they are.
+    """
+    base = metric.rsplit("/", 1)[-1]
+    if base in UNBOUNDED or higher_is_better(metric):
+        return relative_improvement(ntp, prior, higher_is_better(metric))
+    return relative_improvement(1.0 - ntp, 1.0 - prior)
 
 
 def load_curve(run_dir: str | Path) -> Curve:
@@ -107,7 +123,8 @@ def comparison_table(
     ntp: Sequence[Curve], prior: Sequence[Curve], metrics: Sequence[str] = KEY_METRICS
 ) -> tuple[str, dict[str, float]]:
     """A markdown table of NTP vs PRIOR per metric (final and area under the curve, mean +- std
-    over seeds, relative change as the paper reports it) and the average relative changes."""
+    over seeds, relative change as the paper reports it, see ``change``) and the average relative
+    changes over the bounded metrics."""
     rows = [
         "| metric | better | NTP final | PRIOR final | change | NTP AUC | PRIOR AUC | change | slope NTP | slope PRIOR |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -118,10 +135,11 @@ def comparison_table(
         if not a.seeds or not b.seeds:
             continue
         up = higher_is_better(metric)
-        final_gain = relative_improvement(a.final[0], b.final[0], up)
-        auc_gain = relative_improvement(a.auc[0], b.auc[0], up)
-        gains["final"].append(final_gain)
-        gains["auc"].append(auc_gain)
+        final_gain = change(metric, a.final[0], b.final[0])
+        auc_gain = change(metric, a.auc[0], b.auc[0])
+        if metric.rsplit("/", 1)[-1] not in UNBOUNDED:
+            gains["final"].append(final_gain)
+            gains["auc"].append(auc_gain)
         rows.append(
             f"| {metric} | {'higher' if up else 'lower'} | {_fmt(a.final, a.seeds)} | {_fmt(b.final, b.seeds)} | "
             f"{_pct(final_gain)} | {_fmt(a.auc, a.seeds)} | {_fmt(b.auc, b.seeds)} | {_pct(auc_gain)} | "
@@ -129,7 +147,8 @@ def comparison_table(
         )
     averages = {k: _nanmean(v) for k, v in gains.items()}
     rows.append(
-        f"| **average relative change** | | | | **{_pct(averages['final'])}** | | | **{_pct(averages['auc'])}** | | |"
+        f"| **average relative change** (bounded metrics) | | | | **{_pct(averages['final'])}** | | | "
+        f"**{_pct(averages['auc'])}** | | |"
     )
     return "\n".join(rows), averages
 

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The PRIOR-vs-NTP experiment on the demo corpus: the shared stages (corpus, tokenizer, reference
+# LM, weights), then LVLM runs over backbone (encoder_free, visual_encoder) x loss (ntp, prior) x
+# seeds, each evaluated every 75 steps, then experiments/results/ (table and plots).
+#
+#   bash experiments/run_prior_vs_ntp.sh                 # 12 runs one after the other
+#   PARALLEL=4 TRAINER=gpu bash experiments/run_prior_vs_ntp.sh   # 4 sweeps side by side
+#
+# Environment: SEEDS (default 0,1,2), PARALLEL (1 or 4), TRAINER (a trainer preset, default cpu),
+# PY (the Python to use, default .venv/bin/python), OUT (run folder, default logs/prior_vs_ntp).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+SEEDS=${SEEDS:-0,1,2}
+PARALLEL=${PARALLEL:-1}
+TRAINER=${TRAINER:-cpu}
+OUT=${OUT:-logs/prior_vs_ntp}
+
+"$PY" -m prior.cli.demo_data
+"$PY" -m prior.cli.tokenizer
+"$PY" -m prior.cli.train_ref trainer="$TRAINER" trainer.precision=32-true logger=csv
+"$PY" -m prior.cli.weights
+
+mkdir -p "$OUT"
+pids=()
+for backbone in encoder_free visual_encoder; do
+  for loss in ntp prior; do
+    cmd=("$PY" -m prior.cli.train_lvlm -m experiment=prior_vs_ntp "backbone=$backbone" "loss=$loss"
+         "seed=$SEEDS" "trainer=$TRAINER" trainer.precision=32-true "hydra.sweep.dir=$OUT/$backbone-$loss")
+    if [ "$PARALLEL" -gt 1 ]; then
+      "${cmd[@]}" > "$OUT/$backbone-$loss.log" 2>&1 &
+      pids+=($!)
+    else
+      "${cmd[@]}"
+    fi
+  done
+done
+for pid in "${pids[@]}"; do wait "$pid"; done  # fails if any sweep failed
+
+"$PY" experiments/aggregate.py "$OUT" --out experiments/results

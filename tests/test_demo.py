@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_make_demo_tiny_end_to_end_then_the_notebook_runs(tmp_path):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    done = subprocess.run(
+        ["make", "-C", str(REPO), "demo", "DEMO_SIZE=tiny", f"ARGS=paths.root_dir={tmp_path}"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    for stage in range(1, 7):
+        assert f"[{stage}/6]" in out
+    assert "| test_counter/choice_accuracy_color |" in out and "average relative change" in out
+    assert "Demo finished in" in out
+    run = next((tmp_path / "logs" / "demo" / "runs").iterdir())
+    for name in ("results.md", "curves.png", "scaling.png", "lvlm_ntp/eval_curve.jsonl", "lvlm_prior/export/model.safetensors"):
+        assert (run / name).exists(), name
+    assert (tmp_path / "artifacts" / "demo" / "token_weights.html").exists()
+    assert (tmp_path / "data" / "demo" / "train" / "manifest.json").exists()  # all under paths.root_dir
+
+    notebook = nbformat.read(REPO / "notebooks" / "prior_demo.ipynb", as_version=4)
+    os.environ["PRIOR_DEMO_ROOT"] = str(tmp_path)
+    try:
+        NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        del os.environ["PRIOR_DEMO_ROOT"]
+    outputs = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "demo run:" in outputs and "average relative change" in outputs
+    assert any(o.get("output_type") == "display_data" for c in notebook.cells for o in c.get("outputs", []))
