@@ -8,6 +8,7 @@ the power-law fit of the scaling coefficient).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from collections import defaultdict
@@ -21,24 +22,29 @@ from prior.eval.compare import CURVE_FILE, KEY_METRICS, Curve, comparison_table,
 SCALING_METRICS = ("test_counter/choice_accuracy_color", "test_counter/choice_accuracy", "test/choice_accuracy")
 
 
-def find_runs(root: Path) -> dict[str, dict[str, dict[int, Curve]]]:
-    """backbone -> loss -> seed -> learning curves, from every run folder under ``root``."""
+def find_runs(root: Path) -> tuple[dict[str, dict[str, dict[int, Curve]]], dict]:
+    """backbone -> loss -> seed -> learning curves from every run folder under ``root``, and the
+    config of one of the runs (they differ only in backbone, loss and seed)."""
     runs: dict[str, dict[str, dict[int, Curve]]] = defaultdict(lambda: defaultdict(dict))
+    cfg = None
     for curve_file in sorted(root.rglob(CURVE_FILE)):
         cfg = OmegaConf.load(curve_file.parent / ".hydra" / "config.yaml")
         runs[cfg.backbone.name][cfg.loss.name][int(cfg.seed)] = load_curve(curve_file.parent)
-    if not runs:
+    if cfg is None:
         raise SystemExit(f"No {CURVE_FILE} under {root}: run experiments/run_prior_vs_ntp.sh first.")
-    return runs
+    return runs, cfg
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, help="the sweep folder (OUT of run_prior_vs_ntp.sh)")
     parser.add_argument("--out", type=Path, default=Path("experiments/results"))
-    parser.add_argument("--machine", default=platform.processor() or platform.machine(), help="where the runs ran")
+    parser.add_argument("--machine", default=os.environ.get("MACHINE") or platform.machine(), help="where the runs ran")
+    parser.add_argument("--corpus", default=os.environ.get("CORPUS", "default"), help="the corpus preset used")
     args = parser.parse_args(argv)
-    runs = find_runs(args.runs)
+    runs, cfg = find_runs(args.runs)
+    ev = cfg.callbacks.periodic_eval
+    llm = cfg.llm.config
     args.out.mkdir(parents=True, exist_ok=True)
     sections, summary = [], []
     for backbone in sorted(runs):
@@ -57,11 +63,13 @@ def main(argv: list[str] | None = None) -> None:
 
 Measured by `experiments/run_prior_vs_ntp.sh` ({date.today().isoformat()}, {args.machine});
 the table is written by `python experiments/aggregate.py {args.runs} --out {args.out}`.
-Every run: the default demo corpus (20k training captions, colour prior 0.9), the same reference
-LM and weights, a tiny Llama LM (2 layers, width 128), 600 steps of batch 64, AdamW 1e-3 with
-cosine decay, evaluated every 75 steps on 300 images of `test` and `test_counter`. NTP and PRIOR
-runs of a seed share initialisation and data order. Values are mean ± std over seeds; *final*
-is step 600, *AUC* the mean over the learning curve, *slope* the power-law exponent of the metric
+Every run: the demo corpus (`prior-demo-data corpus={args.corpus}`), the same reference LM and weights, a
+{cfg.llm.model_type} LM built from its config ({llm.num_hidden_layers} layers, width {llm.hidden_size}),
+{cfg.trainer.max_steps} steps of batch {cfg.data.batch_size}, {cfg.optimizer._target_.rsplit('.', 1)[-1]}
+lr {cfg.optimizer.lr} with {cfg.scheduler._target_.rsplit('.', 1)[-1]}, evaluated every
+{ev.every_n_steps} steps on {ev.limit} images of {', '.join(f'`{s}`' for s in ev.splits)}. NTP and
+PRIOR runs of a seed share initialisation and data order. Values are mean ± std over seeds; *final*
+is step {cfg.trainer.max_steps}, *AUC* the mean over the learning curve, *slope* the power-law exponent of the metric
 against steps (scaling coefficient); *change* is PRIOR relative to NTP, positive when PRIOR is
 better in the metric's direction. Reported as measured.
 
@@ -70,6 +78,9 @@ better in the metric's direction. Reported as measured.
 {chr(10).join(summary)}
 
 {chr(10).join(sections)}"""
+    notes = args.out / "notes.md"  # how the runs were made and what they show, kept by hand
+    if notes.exists():
+        text = text.replace("\n\n| backbone |", f"\n\n{notes.read_text().strip()}\n\n| backbone |", 1)
     (args.out / "README.md").write_text(text)
     print(text)
 

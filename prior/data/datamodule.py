@@ -226,9 +226,12 @@ class ImageCaptionDataModule(L.LightningDataModule):
 
     def _once_loader(self, split: str) -> DataLoader:
         shards = self.shard_set(split)
-        check_shard_count(len(shards), self._world_size(), self.num_workers, f"The {split} split")
+        world = self._world_size()
+        check_shard_count(len(shards), world, 1, f"The {split} split")
         dataset = ShardStream(shards.urls, self.decoder(shards, split), mode="once")
-        return DataLoader(dataset, **self._loader_kwargs(self.eval_batch_size))
+        # Read-once splits need no equal streams: use no more workers than a rank has shards.
+        workers = min(self.num_workers, len(shards) // world)
+        return DataLoader(dataset, **{**self._loader_kwargs(self.eval_batch_size), "num_workers": workers})
 
     def val_dataloader(self) -> DataLoader:
         return self._once_loader("val")
