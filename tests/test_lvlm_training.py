@@ -187,3 +187,18 @@ def test_two_process_ddp_on_cpu_trains_and_exports(demo, tmp_path):
     assert metrics["train/loss"] > 0 and "val/ntp_loss" in metrics
     loaded, _ = prior.load(tmp_path / "export")
     assert sum(p.numel() for p in loaded.parameters()) > 0
+
+
+def test_checkpoints_can_hold_only_the_trainable_parameters(demo, tmp_path):
+    cfg = lvlm_cfg(demo, "loss=ntp", "backbone.train=[projector]", "model.save_frozen=false",
+                   "trainer.max_steps=2", "trainer.val_check_interval=2", "checkpoint_every=2",
+                   f"paths.output_dir={tmp_path / 'run'}", f"export_dir={tmp_path / 'export'}")
+    train_lvlm(cfg)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    saved = {k for k in ckpt["state_dict"] if k.startswith("model.")}
+    assert saved and all(k.startswith("model.backbone.projector") for k in saved)
+    from prior.modules.lvlm import LVLMModule
+
+    restored = LVLMModule.load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    for name in saved:
+        assert torch.equal(restored.state_dict()[name], ckpt["state_dict"][name])

@@ -57,3 +57,11 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, L.LightningDataM
     finally:
         finish_runs(trainer.loggers)
     return trainer, model, datamodule
+
+
+def train_and_export(cfg: DictConfig, what: str) -> dict[str, float]:
+    """``fit``, then (on rank 0) ``model.export(cfg.export_dir)``; the final logged metrics."""
+    trainer, model, _ = fit(cfg)
+    if trainer.is_global_zero:
+        print(f"{what} exported to {model.export(cfg.export_dir)}")
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}

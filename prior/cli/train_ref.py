@@ -10,16 +10,12 @@ import hydra
 from omegaconf import DictConfig
 
 from prior.cli._hydra import CONF_DIR
-from prior.cli.common import fit
+from prior.cli.common import train_and_export
 
 
 def train_reference(cfg: DictConfig) -> dict[str, float]:
     """Train, export, and return the final metrics."""
-    trainer, model, _ = fit(cfg)
-    if trainer.is_global_zero:
-        folder = model.export(cfg.export_dir)
-        print(f"Reference LM exported to {folder}")
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return train_and_export(cfg, "Reference LM")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train_ref")

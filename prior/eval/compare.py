@@ -169,15 +169,31 @@ def _pct(x: float) -> str:
     return "n/a" if not math.isfinite(x) else f"{x:+.1%}"
 
 
-def plot_curves(
-    groups: Mapping[str, Sequence[Curve]], metrics: Sequence[str], path: str | Path, title: str = ""
-) -> Path:
-    """One panel per metric: mean over seeds (band = std) of each group against training steps."""
+def _pyplot():  # noqa: ANN202
+    """matplotlib's pyplot on the file-only backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:  # noqa: ANN001
+    """Write a figure as PNG (making the folder) and close it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_curves(
+    groups: Mapping[str, Sequence[Curve]], metrics: Sequence[str], path: str | Path, title: str = ""
+) -> Path:
+    """One panel per metric: mean over seeds (band = std) of each group against training steps."""
+    plt = _pyplot()
     metrics = [m for m in metrics if any(m in c for curves in groups.values() for c in curves)]
     cols = min(3, len(metrics))
     rows = math.ceil(len(metrics) / cols)
@@ -194,24 +210,16 @@ def plot_curves(
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
+    if any(ax.get_legend_handles_labels()[0] for ax in axes.flat):
+        axes.flat[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_scaling(groups: Mapping[str, Sequence[Curve]], metric: str, path: str | Path) -> Path:
     """Log-log plot of ``metric`` against steps with each group's power-law fit and its slope."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for label, curves in groups.items():
         steps, mean, _ = mean_curve(curves, metric)
@@ -228,9 +236,4 @@ def plot_scaling(groups: Mapping[str, Sequence[Curve]], metric: str, path: str |
     ax.set_title(f"scaling: {metric}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
