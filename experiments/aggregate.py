@@ -70,7 +70,8 @@ lr {cfg.optimizer.lr} with {cfg.scheduler._target_.rsplit('.', 1)[-1]}, evaluate
 {ev.every_n_steps} steps on {ev.limit} images of {', '.join(f'`{s}`' for s in ev.splits)}. NTP and
 PRIOR runs of a seed share initialisation and data order. Values are mean ± std over seeds; *final*
 is step {cfg.trainer.max_steps}, *AUC* the mean over the learning curve, *slope* the power-law exponent of the metric
-against steps (scaling coefficient); *change* is PRIOR relative to NTP, positive when PRIOR is
+against steps (scaling coefficient; the table averages the per-seed fits, the scaling plots fit
+the seed-mean curve, leaving out points at 0); *change* is PRIOR relative to NTP, positive when PRIOR is
 better in the metric's direction. Reported as measured.
 
 | backbone | seeds (NTP / PRIOR) | average change, final | average change, AUC |
