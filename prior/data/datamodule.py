@@ -13,6 +13,7 @@ A batch is a dict::
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -27,6 +28,11 @@ from prior.data.sidecars import WeightJoiner
 from prior.data.tokenization import encode_caption, fingerprint, load_tokenizer, special_ids
 
 log = logging.getLogger(__name__)
+
+# Lightning warns that an IterableDataset with a length may yield more or fewer batches than it
+# says under several workers; EpochLoader's length holds exactly (every reader yields the same
+# number of samples), so the warning would only mislead.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 SPLITS = ("train", "val", "test", "predict")
 

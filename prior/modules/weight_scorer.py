@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -141,6 +142,11 @@ class WeightScorer(L.LightningModule):
             (key, ids[i][1:], results[i][0], results[i][1]) for i, key in enumerate(shard["keys"])
         ]
         return {"url": shard["url"], "records": records}
+
+
+# Batches are whole shards (batch_size=None), which Lightning cannot map to sample indices; the
+# writer does not need them.
+warnings.filterwarnings("ignore", message=r"Couldn't infer the batch indices fetched from your dataloader")
 
 
 class SidecarWriter(BasePredictionWriter):
