@@ -1,10 +1,8 @@
 from __future__ import annotations
 
 import io
-import tarfile
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,7 +11,7 @@ from prior.data.datamodule import ImageCaptionDataModule, collate
 from prior.data.pipeline import resize_image, to_rgb
 from prior.data.shards import resolve_shards
 from prior.data.tokenization import train_bpe_tokenizer
-from tests.helpers import CAPTION_WORDS, add_file, jpg_bytes, png_bytes, write_img2dataset_shards
+from tests.helpers import CAPTION_WORDS, jpg_bytes, png_bytes, write_img2dataset_shards
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import torch
 from hydra.utils import instantiate
 
 import prior
-from prior.cli.common import build_trainer
 from prior.cli.train_lvlm import train_lvlm
 from prior.modules.base import TokenLossModule
 from tests.conftest import TINY_LLM, compose_config

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 
 from prior.cli.weights import compute_weights
@@ -66,7 +66,7 @@ def test_sidecars_hold_every_sample_with_the_stage_contract(demo):
         for s in samples[:5]:
             ids, logp, w = sidecar.get(s["__key__"])
             assert ids.tolist() == encode_caption(tok, s["txt"].decode(), 80)[1:]
-            assert np.all(logp <= 0) and np.allclose(w, token_weights(__import__("torch").from_numpy(logp)).numpy())
+            assert np.all(logp <= 0) and np.allclose(w, token_weights(torch.from_numpy(logp)).numpy())
 
 
 def test_rerun_skips_finished_shards(demo, capsys):

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from prior.config import to_plain
 from prior.data.tokenization import fingerprint, load_tokenizer, special_ids
 from prior.models.backbones import VisionBackbone, build_backbone
 from prior.models.llm import build_llm, embedding_dim
@@ -272,10 +272,10 @@ def build_lvlm(
     keyword arguments. Plain dicts or OmegaConf configs. Without a tokenizer (shape checks on
     the meta device) the vocabulary size and BOS/EOS ids come from ``llm.config``.
     """
-    backbone_cfg = {k: v for k, v in _plain(backbone).items() if k != "train"}
+    backbone_cfg = {k: v for k, v in to_plain(backbone).items() if k != "train"}
     if "name" not in backbone_cfg:
         raise ValueError("The backbone config needs a `name` (e.g. visual_encoder or encoder_free).")
-    lm = build_llm(tokenizer, **_plain(llm))
+    lm = build_llm(tokenizer, **to_plain(llm))
     options = {k: v for k, v in backbone_cfg.items() if k != "name"}
     vision = build_backbone(backbone_cfg["name"], embedding_dim(lm), **options)
     if tokenizer is not None:
@@ -327,12 +327,3 @@ def load_lvlm(folder: str | Path) -> tuple[LVLM, PreTrainedTokenizerBase]:
     # wasted initialisation (seconds for a 3B model).
     load_model(lvlm, str(folder / WEIGHTS_FILE), strict=True)
     return lvlm.eval(), tokenizer
-
-
-def _plain(cfg: Any) -> Any:
-    """Plain containers for a config group, at any depth (resolving OmegaConf interpolations)."""
-    if isinstance(cfg, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(cfg, resolve=True)
-    if isinstance(cfg, Mapping):
-        return {k: _plain(v) for k, v in cfg.items()}
-    return cfg

@@ -14,11 +14,8 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 
-
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+from prior.config import to_plain
 
 
 class TokenLossModule(L.LightningModule):
@@ -50,7 +47,7 @@ class TokenLossModule(L.LightningModule):
 
         Biases and norm weights (1-d parameters) get no weight decay.
         """
-        opt_cfg = dict(_plain(self.hparams.optimizer))
+        opt_cfg = dict(to_plain(self.hparams.optimizer))
         decay = opt_cfg.pop("weight_decay", 0.0)
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
@@ -60,7 +57,7 @@ class TokenLossModule(L.LightningModule):
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
         optimizer = instantiate(opt_cfg, _partial_=True)([g for g in groups if g["params"]])
-        sched_cfg = _plain(self.hparams.get("scheduler"))
+        sched_cfg = to_plain(self.hparams.get("scheduler"))
         if not sched_cfg:
             return optimizer
         sched_cfg = dict(sched_cfg)

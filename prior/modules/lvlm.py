@@ -24,7 +24,8 @@ from transformers import AutoModelForCausalLM
 from prior.data.tokenization import fingerprint, load_tokenizer
 from prior.loss import effective_weights, token_cross_entropy, token_weights, weight_stats
 from prior.models.lvlm import apply_freezing, build_lvlm
-from prior.modules.base import TokenLossModule, _plain
+from prior.config import to_plain
+from prior.modules.base import TokenLossModule
 from prior.modules.reference_lm import caption_logprobs
 
 LOSSES = ("ntp", "prior", "prior_online")
@@ -44,7 +45,7 @@ class LVLMModule(TokenLossModule):
         save_frozen: bool = True,
     ) -> None:
         super().__init__()
-        backbone, llm, loss, optimizer, scheduler = map(_plain, (backbone, llm, loss, optimizer, scheduler))
+        backbone, llm, loss, optimizer, scheduler = map(to_plain, (backbone, llm, loss, optimizer, scheduler))
         self.save_hyperparameters()  # plain containers, so checkpoints load with weights_only
         if loss["name"] not in LOSSES:
             raise ValueError(f"Unknown loss {loss['name']!r}: choose one of {LOSSES} (`loss=...`).")

@@ -11,7 +11,8 @@ from torchmetrics import MeanMetric
 from prior.data.tokenization import load_tokenizer
 from prior.loss import prior_loss, token_cross_entropy
 from prior.models.llm import build_llm
-from prior.modules.base import TokenLossModule, _plain
+from prior.config import to_plain
+from prior.modules.base import TokenLossModule
 
 
 def caption_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -31,7 +32,7 @@ class ReferenceLM(TokenLossModule):
         scheduler: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        llm, optimizer, scheduler = map(_plain, (llm, optimizer, scheduler))
+        llm, optimizer, scheduler = map(to_plain, (llm, optimizer, scheduler))
         self.save_hyperparameters()  # plain containers, so checkpoints load with weights_only
         self.tokenizer = load_tokenizer(tokenizer)
         self.model = build_llm(self.tokenizer, **llm)
