@@ -305,7 +305,7 @@ def test_parse_description_tolerates_garbage():
     assert parse_description("### in in red the left 2019-03-14 $4.99 and and") == []
     assert parse_description("a small blue squares squares , red") == [
         {"shape": "square", "color": "blue", "size": "small", "position": None},
-        {"shape": "square", "color": None, "size": None, "position": None},
+        {"shape": "square", "color": "red", "size": None, "position": None},  # a colour after its shape
     ]
     assert parse_description("Image of a heart in pink on the right.. | click to enlarge") == [
         {"shape": "heart", "color": "pink", "size": None, "position": "right"}

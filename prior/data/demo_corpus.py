@@ -32,6 +32,12 @@ Web-style captions
     ``SUFFIXES``); NOISE (probability ``noise_p``) is one of ``NOISE_TEMPLATES`` filled with
     image-irrelevant random values: user names, dates, ids, prices.
 
+Verbal scenes (``scene_prefix_p``, 0 by default)
+    With this probability a caption is preceded by a verbal description of its scene,
+    ``[scene] large circle red left ; small square blue right [/scene] <caption>``, objects in
+    random order. The corpus the demo's *base LM* is pre-trained on uses it (0.5), so that LM
+    learns to read context and copy from it, as a pretrained LLM does; LVLM corpora leave it 0.
+
 Ground truth (``<key>.json``)
     The img2dataset fields (``key``, ``url`` = None, ``status`` = "success", ``error_message``,
     ``width``, ``height``, ``original_width``, ``original_height``, ``caption``) plus ``objects``
@@ -41,7 +47,7 @@ Ground truth (``<key>.json``)
     of the caption that cover each of its non-space characters exactly once; ``cls`` is
     "visual" (count, size, shape, colour and position words), "function" (the description's
     other words and punctuation), "boilerplate" (prefix, suffix, the fixed words of a noise
-    template) or "noise" (the random values of a noise template).
+    template) or "noise" (the random values of a noise template) or "scene" (the words of a verbal scene).
 
 Output layout (img2dataset)
     ``<out_dir>/<split>/{00000..}.tar`` with ``<key>.jpg`` (JPEG quality 95, no chroma
@@ -134,6 +140,8 @@ NOISE_TEMPLATES: tuple[str, ...] = (
     "ref. {id}",
     "{price} - {user}",
 )
+#: The markers around a verbal scene description (``scene_prefix_p``): the base LM's context.
+SCENE_OPEN, SCENE_CLOSE = "[scene]", "[/scene]"
 _USER_STEMS = ("user", "photog", "img", "pixel", "snap", "cam")
 
 _SUPERSAMPLE = 4  # shapes are drawn this many times larger, then box-filtered down
@@ -170,20 +178,22 @@ class CorpusConfig:
     noise_p: float = 0.7
     textured_p: float = 0.3
     dark_p: float = 0.5
+    scene_prefix_p: float = 0.0
     splits: dict[str, SplitSpec] = field(default_factory=_default_splits)
     num_workers: int = 2  # speed only: the output does not depend on it
 
     def __post_init__(self) -> None:
-        self.splits = {
+        self.splits = {  # a split given as None is not generated
             name: spec if isinstance(spec, SplitSpec) else SplitSpec(**spec)
             for name, spec in self.splits.items()
+            if spec is not None
         }
         unknown = set(self.splits) - set(SPLITS)
         if unknown:
             raise ValueError(f"unknown split(s) {sorted(unknown)}; the corpus knows {SPLITS}")
         if not 1 <= self.max_objects <= len(POSITIONS):
             raise ValueError(f"max_objects must be in 1..{len(POSITIONS)}, got {self.max_objects}")
-        for name in ("prior_p", "companion_p", "noise_p", "textured_p", "dark_p"):
+        for name in ("prior_p", "companion_p", "noise_p", "textured_p", "dark_p", "scene_prefix_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a probability, got {getattr(self, name)}")
         if self.image_size < 16:
@@ -304,12 +314,12 @@ def parse_description(text: str) -> list[dict]:
     """The objects that free text mentions, in order: dicts of shape, color, size, position.
 
     Follows the grammar in either word order: size and colour words before a shape belong to it,
-    "in <colour>" and position words after a shape belong to that shape; an attribute the text
+    a colour and a position word after a shape belong to that shape (with or without the
+    function words between them: a dropped "in" or "the" changes nothing); an attribute the text
     does not attach to a shape is None. Anything else (boilerplate, noise, garbage) is ignored.
     """
     objects: list[dict] = []
     pending: dict[str, str] = {}  # size/colour words waiting for the shape they modify
-    prev = ""
     for word in re.findall(r"[a-z]+", text.lower()):
         shape = word[:-1] if word.endswith("s") and word[:-1] in TYPICAL_COLOR else word
         if shape in TYPICAL_COLOR:
@@ -323,7 +333,10 @@ def parse_description(text: str) -> list[dict]:
             )
             pending = {}
         elif word in COLOR_RGB:
-            if prev == "in" and objects and objects[-1]["color"] is None and not pending:
+            # After its shape ("a circle in red", or "a circle red" with the "in" dropped) a colour
+            # belongs to that shape; before one ("a red circle"), or once a size word has
+            # started the next object, it waits for the next shape.
+            if objects and objects[-1]["color"] is None and not pending:
                 objects[-1]["color"] = word
             else:
                 pending["color"] = word
@@ -331,7 +344,6 @@ def parse_description(text: str) -> list[dict]:
             pending["size"] = word
         elif word in POSITIONS and objects and objects[-1]["position"] is None and not pending:
             objects[-1]["position"] = word
-        prev = word
     return objects
 
 
@@ -466,6 +478,28 @@ def _caption(
     return "".join(text for text, _ in pieces), spans
 
 
+def scene_text(objects: list[dict]) -> str:
+    """The verbal scene of ``objects`` in the given order:
+    ``[scene] large circle red left ; small square blue right [/scene]``."""
+    entries = " ; ".join(f"{o['size']} {o['shape']} {o['color']} {o['position']}" for o in objects)
+    return f"{SCENE_OPEN} {entries} {SCENE_CLOSE}"
+
+
+def _with_scene_prefix(
+    rng: np.random.Generator, objects: list[dict], caption: str, spans: list[dict]
+) -> tuple[str, list[dict]]:
+    """``caption`` preceded by the scene (objects in random order, so reading it takes content,
+    not position), with the spans shifted and the prefix's words as "scene" spans."""
+    order = rng.permutation(len(objects)).tolist()
+    prefix = scene_text([objects[i] for i in order]) + " "
+    shifted = [{**s, "start": s["start"] + len(prefix), "end": s["end"] + len(prefix)} for s in spans]
+    words = [
+        {"start": m.start(), "end": m.end(), "cls": "scene", "text": m.group()}
+        for m in re.finditer(r"\S+", prefix)
+    ]
+    return prefix + caption, words + shifted
+
+
 def _noise_value(rng: np.random.Generator, kind: str) -> str:
     if kind == "user":
         return f"{_USER_STEMS[rng.integers(len(_USER_STEMS))]}_{rng.integers(10, 100000)}"
@@ -484,6 +518,8 @@ def _sample(
     objects = _sample_objects(rng, cfg, split)
     jpeg, background = _render(rng, cfg, objects)
     caption, spans = _caption(rng, cfg, objects)
+    if cfg.scene_prefix_p > 0 and rng.random() < cfg.scene_prefix_p:
+        caption, spans = _with_scene_prefix(rng, objects, caption, spans)
     size = cfg.image_size
     meta = {
         "key": key,
