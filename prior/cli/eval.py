@@ -20,6 +20,7 @@ import prior
 from prior.cli._hydra import CONF_DIR
 from prior.cli.common import instantiate_group
 from prior.eval.benchmarks import BENCHMARKS, ItemStream, load_benchmark
+from prior.eval.token_weights import nll_labels
 from prior.eval.evaluator import EvalResult, demo_description, evaluate, markdown_table, write_results
 
 #: Splits evaluated when ``splits`` is null.
@@ -68,6 +69,7 @@ def run_eval(cfg: DictConfig) -> dict[str, EvalResult]:
             max_length=cfg.max_length,
             generate=cfg.generate,
             postprocess=POSTPROCESS.get(cfg.benchmark),
+            token_labels=nll_labels if cfg.benchmark == "demo" else None,
         )
         skipped = results[split].skipped
         print(f"{split}: {results[split].num_items} items" + (f", skipped {skipped}" if skipped else ""))

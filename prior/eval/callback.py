@@ -22,6 +22,7 @@ from typing import Any
 import lightning as L
 
 from prior.eval.benchmarks import EvalItem, demo_items
+from prior.eval.token_weights import nll_labels
 from prior.eval.evaluator import EvalResult, demo_description, evaluate
 
 CURVE_FILE = "eval_curve.jsonl"
@@ -106,7 +107,8 @@ class PeriodicEval(L.Callback):
         with trainer.precision_plugin.forward_context():
             self.last_results = {
                 split: evaluate(
-                    pl_module.model, pl_module.tokenizer, items, postprocess=demo_description, **self.eval_kwargs
+                    pl_module.model, pl_module.tokenizer, items, postprocess=demo_description,
+                    token_labels=nll_labels, **self.eval_kwargs,
                 )
                 for split, items in self.items.items()
             }

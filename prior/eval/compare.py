@@ -14,8 +14,9 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,27 +26,59 @@ from prior.eval.metrics import (
     higher_is_better,
     power_law_fit,
     relative_improvement,
+    steps_to_threshold,
 )
 
 CURVE_FILE = "eval_curve.jsonl"
 
-#: The metrics the demo and the experiment report, in this order.
-KEY_METRICS: tuple[str, ...] = (
-    "test_counter/choice_accuracy_color",
-    "test_counter/choice_accuracy",
-    "test_counter/prior_pick_rate",
-    "test/choice_accuracy",
-    "test_counter/chair_i",
-    "test_counter/color_hallucination",
-    "test_counter/missing_object_rate",
-    "test_counter/color_precision",
-    "test/bleu4",
-    "test/rouge_l",
-    "test/perplexity",
-)
-
 #: Metrics without an upper bound: their change is shown but not averaged.
 UNBOUNDED: frozenset[str] = frozenset({"perplexity", "nll"})
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A pre-registered evaluation protocol (``conf/protocol/*.yaml``): which metrics are averaged
+    in which table, the thresholds for steps-to-threshold, the metrics whose error is fitted for
+    scaling, the validity gate and the learning-rate selection metric."""
+
+    likelihood: tuple[str, ...]
+    generation: tuple[str, ...] = ()
+    nll: tuple[str, ...] = ()
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+    scaling: tuple[str, ...] = ()
+    gate: Mapping[str, Any] | None = None
+    selection: Mapping[str, Any] | None = None
+
+    @classmethod
+    def load(cls, name_or_path: str | Path = "demo") -> Protocol:
+        """A protocol by name (``conf/protocol/<name>.yaml``) or yaml path."""
+        from omegaconf import OmegaConf
+
+        from prior.cli._hydra import CONF_DIR
+
+        path = Path(name_or_path)
+        if not path.suffix:
+            path = Path(CONF_DIR) / "protocol" / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"No protocol at {path}: name one in conf/protocol/ or give a yaml path.")
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        return cls(
+            likelihood=tuple(data["likelihood"]),
+            generation=tuple(data.get("generation") or ()),
+            nll=tuple(data.get("nll") or ()),
+            thresholds=dict(data.get("thresholds") or {}),
+            scaling=tuple(data.get("scaling") or ()),
+            gate=data.get("gate"),
+            selection=data.get("selection"),
+        )
+
+    def passes_gate(self, curves: Sequence[Curve]) -> tuple[bool, float]:
+        """Whether the mean over runs of the gate metric at the last step reaches its ``min``."""
+        if not self.gate:
+            return True, math.nan
+        value = summarize(curves, self.gate["metric"]).final[0]
+        return bool(math.isfinite(value) and value >= float(self.gate["min"])), value
+
 
 Curve = dict[str, list[tuple[int, float]]]  # "split/metric" -> [(step, value)]
 
@@ -57,10 +90,14 @@ def change(metric: str, ntp: float, prior: float) -> float:
     ``1 - rate`` (the share done right), so a change is bounded like an accuracy's; unbounded
     metrics (perplexity) compare as they are.
     """
-    base = metric.rsplit("/", 1)[-1]
-    if base in UNBOUNDED or higher_is_better(metric):
+    if _unbounded(metric) or higher_is_better(metric):
         return relative_improvement(ntp, prior, higher_is_better(metric))
     return relative_improvement(1.0 - ntp, 1.0 - prior)
+
+
+def _unbounded(metric: str) -> bool:
+    """Perplexity, NLL and per-kind NLL (``nll_<kind>``) have no upper bound."""
+    return metric.rsplit("/", 1)[-1].split("_")[0] in UNBOUNDED
 
 
 def load_curve(run_dir: str | Path) -> Curve:
@@ -90,11 +127,15 @@ def mean_curve(curves: Sequence[Curve], metric: str) -> tuple[np.ndarray, np.nda
 
 @dataclass
 class Summary:
-    """One metric of one group of runs: mean and std over seeds of each statistic."""
+    """One metric of one group of runs: mean and std over seeds of each statistic.
+
+    ``error_slope`` is the power-law exponent of the error (1 - value for a higher-is-better
+    metric, the value itself otherwise) against steps: more negative = the error falls faster.
+    """
 
     final: tuple[float, float]
     auc: tuple[float, float]
-    slope: tuple[float, float]
+    error_slope: tuple[float, float]
     seeds: int
 
 
@@ -103,54 +144,126 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return (float(arr.mean()), float(arr.std())) if arr.size else (math.nan, math.nan)
 
 
-def _slope(points: Sequence[tuple[int, float]]) -> float:
+def _error_slope(metric: str, points: Sequence[tuple[int, float]]) -> float:
+    up = METRIC_DIRECTIONS.get(metric.rsplit("/", 1)[-1], True)
     try:
-        return power_law_fit([s for s, _ in points], [v for _, v in points])[1]
+        return power_law_fit([s for s, _ in points], [1.0 - v if up else v for _, v in points])[1]
     except ValueError:
         return math.nan
 
 
 def summarize(curves: Sequence[Curve], metric: str) -> Summary:
-    """Final value, area under the curve and power-law slope of ``metric`` over seeds."""
+    """Final value, area under the curve and error slope of ``metric`` over seeds."""
     runs = [c[metric] for c in curves if metric in c and c[metric]]
     finals = [pts[-1][1] for pts in runs]
     aucs = [area_under_curve([s for s, _ in pts], [v for _, v in pts]) for pts in runs]
-    slopes = [_slope(pts) for pts in runs]
+    slopes = [_error_slope(metric, pts) for pts in runs]
     return Summary(_mean_std(finals), _mean_std(aucs), _mean_std(slopes), len(runs))
 
 
+def steps_to(curves: Sequence[Curve], metric: str, threshold: float) -> list[float | None]:
+    """Per run, the first step where ``metric`` reaches ``threshold`` (None: never)."""
+    up = higher_is_better(metric)
+    return [
+        steps_to_threshold([s for s, _ in c[metric]], [v for _, v in c[metric]], threshold, up)
+        for c in curves
+        if c.get(metric)
+    ]
+
+
 def comparison_table(
-    ntp: Sequence[Curve], prior: Sequence[Curve], metrics: Sequence[str] = KEY_METRICS
+    base: Sequence[Curve],
+    other: Sequence[Curve],
+    metrics: Sequence[str],
+    labels: tuple[str, str] = ("NTP", "PRIOR"),
+    average: bool = True,
 ) -> tuple[str, dict[str, float]]:
-    """A markdown table of NTP vs PRIOR per metric (final and area under the curve, mean +- std
-    over seeds, relative change as the paper reports it, see ``change``) and the average relative
-    changes over the bounded metrics."""
+    """A markdown table of ``other`` against ``base`` per metric: final and area under the curve
+    (mean +- std over seeds) and the relative change as the paper reports it (see ``change``,
+    positive = ``other`` better); with ``average``, a last row with the mean relative change over
+    the bounded metrics. Returns the table and those averages."""
+    a_name, b_name = labels
     rows = [
-        "| metric | better | NTP final | PRIOR final | change | NTP AUC | PRIOR AUC | change | slope NTP | slope PRIOR |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| metric | better | {a_name} final | {b_name} final | change | {a_name} AUC | {b_name} AUC | change |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     gains: dict[str, list[float]] = {"final": [], "auc": []}
     for metric in metrics:
-        a, b = summarize(ntp, metric), summarize(prior, metric)
+        a, b = summarize(base, metric), summarize(other, metric)
         if not a.seeds or not b.seeds:
             continue
-        up = higher_is_better(metric)
         final_gain = change(metric, a.final[0], b.final[0])
         auc_gain = change(metric, a.auc[0], b.auc[0])
-        if metric.rsplit("/", 1)[-1] not in UNBOUNDED:
+        if not _unbounded(metric):
             gains["final"].append(final_gain)
             gains["auc"].append(auc_gain)
         rows.append(
-            f"| {metric} | {'higher' if up else 'lower'} | {_fmt(a.final, a.seeds)} | {_fmt(b.final, b.seeds)} | "
-            f"{_pct(final_gain)} | {_fmt(a.auc, a.seeds)} | {_fmt(b.auc, b.seeds)} | {_pct(auc_gain)} | "
-            f"{_fmt(a.slope, a.seeds)} | {_fmt(b.slope, b.seeds)} |"
+            f"| {metric} | {'higher' if higher_is_better(metric) else 'lower'} | {_fmt(a.final, a.seeds)} | "
+            f"{_fmt(b.final, b.seeds)} | {_pct(final_gain)} | {_fmt(a.auc, a.seeds)} | {_fmt(b.auc, b.seeds)} | "
+            f"{_pct(auc_gain)} |"
         )
     averages = {k: _nanmean(v) for k, v in gains.items()}
-    rows.append(
-        f"| **average relative change** (bounded metrics) | | | | **{_pct(averages['final'])}** | | | "
-        f"**{_pct(averages['auc'])}** | | |"
-    )
+    if average:
+        rows.append(
+            f"| **average relative change** ({len(gains['final'])} metrics) | | | | **{_pct(averages['final'])}** "
+            f"| | | **{_pct(averages['auc'])}** |"
+        )
     return "\n".join(rows), averages
+
+
+def scaling_table(
+    base: Sequence[Curve],
+    other: Sequence[Curve],
+    protocol: Protocol,
+    labels: tuple[str, str] = ("NTP", "PRIOR"),
+) -> str:
+    """Steps to each threshold of ``protocol`` and the error's power-law slope per scaling metric."""
+    a_name, b_name = labels
+    rows = [f"| metric | reading | {a_name} | {b_name} |", "|---|---|---|---|"]
+    for metric, threshold in protocol.thresholds.items():
+        cells = [_steps(steps_to(runs, metric, threshold)) for runs in (base, other)]
+        rows.append(f"| {metric} | steps to {threshold:g} | {cells[0]} | {cells[1]} |")
+    for metric in protocol.scaling:
+        a, b = summarize(base, metric), summarize(other, metric)
+        if a.seeds and b.seeds:
+            rows.append(
+                f"| {metric} | error slope | {_fmt(a.error_slope, a.seeds)} | {_fmt(b.error_slope, b.seeds)} |"
+            )
+    return "\n".join(rows)
+
+
+def protocol_report(
+    base: Sequence[Curve],
+    other: Sequence[Curve],
+    protocol: Protocol,
+    labels: tuple[str, str] = ("NTP", "PRIOR"),
+) -> tuple[str, dict[str, float]]:
+    """The protocol's tables as markdown (likelihood, generation, per-kind NLL, scaling) and the
+    average relative changes: ``likelihood_final``, ``likelihood_auc``, ``generation_final``,
+    ``generation_auc``."""
+    parts, averages = [], {}
+    for name, metrics, average in (
+        ("Likelihood (pre-registered average)", protocol.likelihood, True),
+        ("Generation (greedy captions; averaged on its own)", protocol.generation, True),
+        ("NLL per token kind (shown, not averaged)", protocol.nll, False),
+    ):
+        if not metrics:
+            continue
+        table, avg = comparison_table(base, other, metrics, labels, average)
+        parts.append(f"**{name}**\n\n{table}")
+        if average:
+            key = name.split()[0].lower()
+            averages.update({f"{key}_{k}": v for k, v in avg.items()})
+    if protocol.thresholds or protocol.scaling:
+        parts.append("**Learning speed and scaling**\n\n" + scaling_table(base, other, protocol, labels))
+    return "\n\n".join(parts), averages
+
+
+def _steps(values: list[float | None]) -> str:
+    if not values:
+        return "n/a"
+    shown = ["never" if v is None else f"{v:.0f}" for v in values]
+    return " / ".join(shown)
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -218,11 +331,14 @@ def plot_curves(
 
 
 def plot_scaling(groups: Mapping[str, Sequence[Curve]], metric: str, path: str | Path) -> Path:
-    """Log-log plot of ``metric`` against steps with each group's power-law fit and its slope."""
+    """Log-log plot of ``metric``'s error (1 - value when higher is better) against steps, with
+    each group's power-law fit and its slope (the scaling coefficient)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6))
+    up = METRIC_DIRECTIONS.get(metric.rsplit("/", 1)[-1], True)
     for label, curves in groups.items():
         steps, mean, _ = mean_curve(curves, metric)
+        mean = 1.0 - mean if up else mean
         keep = (steps > 0) & (mean > 0)
         if keep.sum() < 2:
             continue
@@ -233,7 +349,8 @@ def plot_scaling(groups: Mapping[str, Sequence[Curve]], metric: str, path: str |
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training step")
-    ax.set_title(f"scaling: {metric}", fontsize=9)
+    ax.set_ylabel(f"1 - {metric.rsplit('/', 1)[-1]}" if up else metric.rsplit("/", 1)[-1])
+    ax.set_title(f"scaling: error of {metric}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     return _save(fig, path)

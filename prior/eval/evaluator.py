@@ -5,13 +5,15 @@ whose ``metrics`` hold, where the benchmark has the data for them (a metric with
 left out rather than reported as nan):
 
 * ``choice_accuracy`` and ``choice_accuracy_<attribute>`` (color, shape, count, position): the
-  true description against its one-attribute counterfactuals, scored by the model's summed
-  log-likelihood (``prior.eval.metrics.choice_accuracy_by_attribute``; the overall figure pools
+  true description against its one-attribute counterfactuals, scored by the model's mean
+  log-likelihood per token (``choice_score``: candidates of different length compete fairly) (``prior.eval.metrics.choice_accuracy_by_attribute``; the overall figure pools
   every (item, attribute) choice);
 * ``prior_pick_rate``: over the counter-prior objects of demo items, how often the description
   with the shape's typical colour outscores the true one (lower is better);
 * ``nll`` and ``perplexity``: token-weighted over the reference captions (``meta["caption"]``,
-  else ``reference``) with their EOS;
+  else ``reference``) with their EOS; with ``token_labels``, ``nll_<kind>`` per kind of token
+  (visual words, function words, boilerplate, noise, EOS for the demo), since one
+  whole-caption perplexity penalises a re-weighting objective by construction;
 * with ``generate``: greedy captions, ``postprocess``-ed (``demo_description`` for the demo),
   parsed with ``parse_description`` into ``generation_metrics`` against ``truth_objects``, and
   ``bleu4`` / ``rouge_l`` against the reference (all of ``meta["references"]`` when present).
@@ -28,7 +30,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +55,9 @@ from prior.eval.metrics import (
 )
 from prior.loss import token_cross_entropy
 from prior.models.lvlm import LVLM
+
+#: ``(tokenizer, caption, meta, n)`` -> the labels (token kinds) of each of the ``n`` scored tokens.
+TokenLabeler = Callable[[PreTrainedTokenizerBase, str, dict, int], list[tuple[str, ...]]]
 
 JSON_FILE = "eval.json"
 MARKDOWN_FILE = "eval.md"
@@ -110,8 +117,7 @@ def sequence_logprobs(
         )
     pairs = [(i, _caption_ids(tokenizer, t, max_length, with_eos=with_eos)) for i, t in enumerate(texts)]
     with _eval_mode(lvlm):
-        logprobs, _ = _score(lvlm, tokenizer, list(images), pairs, batch_size)
-    return logprobs
+        return [math.fsum(lp) for lp in _score(lvlm, tokenizer, list(images), pairs, batch_size)]
 
 
 def _caption_ids(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int, *, with_eos: bool) -> list[int]:
@@ -128,14 +134,13 @@ def _score(
     images: Sequence[Tensor],
     pairs: Sequence[tuple[int, list[int]]],
     batch_size: int,
-) -> tuple[list[float], list[int]]:
-    """Summed log-probability and token count of each (image index, caption ids) pair."""
+) -> list[list[float]]:
+    """Per-token log-probabilities (float64) of each (image index, caption ids) pair's ids[1:]."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pad = special_ids(tokenizer)[2]
     device, dtype = _device_dtype(lvlm)
-    logprobs: list[float] = []
-    counts: list[int] = []
+    logprobs: list[list[float]] = []
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
@@ -147,10 +152,16 @@ def _score(
                 attention[row, : len(ids)] = True
             batch, image_mask = _batch_images([images[i] for i, _ in chunk], device, dtype)
             out = lvlm(batch, input_ids.to(device), attention.to(device), image_mask)
-            ce = token_cross_entropy(out.logits, out.targets, out.loss_mask)
-            logprobs += (-ce.double().sum(dim=1)).tolist()
-            counts += [len(ids) - 1 for _, ids in chunk]
-    return logprobs, counts
+            lp = -token_cross_entropy(out.logits, out.targets, out.loss_mask).double().cpu()
+            logprobs += [lp[row, : len(ids) - 1].tolist() for row, (_, ids) in enumerate(chunk)]
+    return logprobs
+
+
+def choice_score(token_logprobs: Sequence[float]) -> float:
+    """What a forced choice compares: the mean log-probability per token, so candidates of
+    different length (a count counterfactual adds or drops a whole object phrase) compete on
+    equal terms; a summed log-probability would favour the shortest candidate. -inf when empty."""
+    return math.fsum(token_logprobs) / len(token_logprobs) if token_logprobs else -math.inf
 
 
 def _generate(
@@ -214,6 +225,8 @@ class _Tally:
     prior_typical: list[float | None] = field(default_factory=list)
     nll_sum: float = 0.0
     tokens: int = 0
+    kind_nll: Counter[str] = field(default_factory=Counter)
+    kind_tokens: Counter[str] = field(default_factory=Counter)
     generation: GenerationCounts = field(default_factory=GenerationCounts)
     truth_captions: int = 0
     text: TextMetricAccumulator = field(default_factory=TextMetricAccumulator)
@@ -235,6 +248,8 @@ class _Tally:
         if self.tokens:
             out["nll"] = self.nll_sum / self.tokens
             out["perplexity"] = perplexity(self.nll_sum, self.tokens)
+        for kind, n in self.kind_tokens.items():
+            out[f"nll_{kind}"] = self.kind_nll[kind] / n
         if self.truth_captions:
             out.update(self.generation.compute())
         if self.text.count:
@@ -253,6 +268,7 @@ def evaluate(
     generate: bool = True,
     postprocess: Callable[[str], str] | None = None,
     num_samples: int = 16,
+    token_labels: TokenLabeler | None = None,
 ) -> EvalResult:
     """Score, and with ``generate`` caption, every item; the metrics are described in the module
     docstring.
@@ -261,7 +277,8 @@ def evaluate(
     of images per generation batch; ``max_length`` caps the ids of every scored text (as in
     training); ``postprocess`` maps a generated caption to the text compared with the
     references and parsed for objects (identity when None); the first ``num_samples`` items
-    are kept in ``EvalResult.samples``. The model is evaluated in eval mode without gradient
+    are kept in ``EvalResult.samples``; ``token_labels`` names the kinds of each caption token
+    for the per-kind NLL (``nll_<kind>``). The model is evaluated in eval mode without gradient
     and left in the mode it was in.
     """
     if batch_size < 1:
@@ -274,6 +291,7 @@ def evaluate(
                 lvlm, tokenizer, chunk, tally,
                 batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length,
                 generate=generate, postprocess=postprocess, num_samples=num_samples,
+                token_labels=token_labels,
             )  # fmt: skip
     skipped = {reason: n for reason, n in getattr(items, "skipped", {}).items() if n}
     if tally.items == 0:
@@ -295,6 +313,7 @@ def _evaluate_chunk(
     generate: bool,
     postprocess: Callable[[str], str] | None,
     num_samples: int,
+    token_labels: TokenLabeler | None,
 ) -> None:
     """Add a chunk of items to ``tally``."""
     # Every distinct description of an item is scored once on its image; then its caption.
@@ -312,11 +331,11 @@ def _evaluate_chunk(
     captions = [item.meta.get("caption", item.reference) for item in chunk]
     pairs += [(i, _caption_ids(tokenizer, c, max_length, with_eos=True)) for i, c in enumerate(captions)]
     images = [item.image for item in chunk]
-    logprobs, counts = _score(lvlm, tokenizer, images, pairs, batch_size)
+    logprobs = _score(lvlm, tokenizer, images, pairs, batch_size)
 
     offset = 0
     for item, texts in zip(chunk, choice_texts, strict=True):
-        score = dict(zip(texts, logprobs[offset : offset + len(texts)], strict=True))
+        score = {t: choice_score(lp) for t, lp in zip(texts, logprobs[offset : offset + len(texts)], strict=True)}
         offset += len(texts)
         if any(item.candidates.values()):
             tally.true_scores.append(score[item.reference])
@@ -325,8 +344,14 @@ def _evaluate_chunk(
             for typical in typical_color_counterfactuals(item.meta):
                 tally.prior_true.append(score[item.reference])
                 tally.prior_typical.append(score[typical])
-    tally.nll_sum -= sum(logprobs[offset:])
-    tally.tokens += sum(counts[offset:])
+    for item, caption, lp in zip(chunk, captions, logprobs[offset:], strict=True):
+        tally.nll_sum -= math.fsum(lp)
+        tally.tokens += len(lp)
+        if token_labels is not None:
+            for labels, value in zip(token_labels(tokenizer, caption, item.meta, len(lp)), lp, strict=True):
+                for label in labels:
+                    tally.kind_nll[label] -= value
+                    tally.kind_tokens[label] += 1
 
     generations: list[str | None] = [None] * len(chunk)
     predictions: list[str | None] = [None] * len(chunk)

@@ -47,6 +47,7 @@ METRIC_DIRECTIONS: dict[str, bool] = {
     "rouge_l": True,
     "perplexity": False,
     "nll": False,
+    **{f"nll_{k}": False for k in ("visual", "color_counter", "function", "boilerplate", "noise", "eos")},
 }
 
 

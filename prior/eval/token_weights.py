@@ -56,6 +56,24 @@ def token_kinds(tokenizer: PreTrainedTokenizerBase, caption: str, meta: dict[str
     return kinds[:n]
 
 
+#: The kinds of token the evaluation's per-kind NLL reports, and the token kinds each one pools.
+NLL_KINDS: dict[str, frozenset[str]] = {
+    "visual": frozenset({"visual", "shape", "color_typical", "color_counter"}),
+    "color_counter": frozenset({"color_counter"}),
+    "function": frozenset({"function"}),
+    "boilerplate": frozenset({"boilerplate"}),
+    "noise": frozenset({"noise"}),
+    "eos": frozenset({"eos"}),
+}
+
+
+def nll_labels(tokenizer: PreTrainedTokenizerBase, caption: str, meta: dict[str, Any], n: int) -> list[tuple[str, ...]]:
+    """The ``NLL_KINDS`` each of the first ``n`` scored tokens of ``caption`` counts under."""
+    kinds = token_kinds(tokenizer, caption, meta, n)
+    kinds += [None] * (n - len(kinds))
+    return [tuple(label for label, members in NLL_KINDS.items() if kind in members) for kind in kinds]
+
+
 def scored_samples(
     shards: Any, tokenizer: PreTrainedTokenizerBase, sidecar_dir: str | None, max_length: int, limit: int | None
 ) -> Iterator[dict[str, Any]]:
