@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from prior.eval.compare import CURVE_FILE, Protocol, load_curve  # noqa: E402
 
 SETTINGS = {"h": "demo_h", "u": "demo_u"}
-LRS = {"h": ("3e-4", "1e-3", "3e-3"), "u": ("1e-4", "3e-4", "1e-3")}
+LRS = {"h": ("1e-3", "3e-3", "1e-2"), "u": ("1e-4", "3e-4", "1e-3")}
 SHARED_LR = {"h": "1e-3", "u": "3e-4"}  # the recipes' rates
 
 
