@@ -1,8 +1,9 @@
-"""Aggregate the PRIOR-vs-NTP experiment into experiments/results/: a markdown table per backbone
-(mean ± std over seeds, relative change per metric and averaged) and PNG plots (learning curves and
-the power-law fit of the scaling coefficient).
+"""Aggregate the from-scratch PRIOR-vs-NTP experiment (experiments/run_prior_vs_ntp.sh) into
+tables per backbone under the pre-registered protocol (conf/protocol/demo.yaml: likelihood and
+generation tables averaged separately, NLL per token kind, steps to threshold and error slopes)
+and PNG plots (learning curves and the power-law fit of the error).
 
-    python experiments/aggregate.py logs/prior_vs_ntp --out experiments/results
+    python experiments/aggregate.py logs/prior_vs_ntp --out experiments/results/from_scratch
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from prior.eval.compare import CURVE_FILE, KEY_METRICS, Curve, comparison_table, load_curve, plot_curves, plot_scaling
-
-SCALING_METRICS = ("test_counter/choice_accuracy_color", "test_counter/choice_accuracy", "test/choice_accuracy")
+from prior.eval.compare import CURVE_FILE, Curve, Protocol, load_curve, plot_curves, plot_scaling, protocol_report
 
 
 def find_runs(root: Path) -> tuple[dict[str, dict[str, dict[int, Curve]]], dict]:
@@ -38,11 +37,12 @@ def find_runs(root: Path) -> tuple[dict[str, dict[str, dict[int, Curve]]], dict]
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, help="the sweep folder (OUT of run_prior_vs_ntp.sh)")
-    parser.add_argument("--out", type=Path, default=Path("experiments/results"))
+    parser.add_argument("--out", type=Path, default=Path("experiments/results/from_scratch"))
     parser.add_argument("--machine", default=os.environ.get("MACHINE") or platform.machine(), help="where the runs ran")
     parser.add_argument("--corpus", default=os.environ.get("CORPUS", "default"), help="the corpus preset used")
     args = parser.parse_args(argv)
     runs, cfg = find_runs(args.runs)
+    protocol = Protocol.load("demo")
     ev = cfg.callbacks.periodic_eval
     llm = cfg.llm.config
     args.out.mkdir(parents=True, exist_ok=True)
@@ -50,12 +50,15 @@ def main(argv: list[str] | None = None) -> None:
     for backbone in sorted(runs):
         ntp = [runs[backbone]["ntp"][s] for s in sorted(runs[backbone].get("ntp", {}))]
         prior = [runs[backbone]["prior"][s] for s in sorted(runs[backbone].get("prior", {}))]
-        table, averages = comparison_table(ntp, prior)
+        table, averages = protocol_report(ntp, prior, protocol)
         groups = {"NTP": ntp, "PRIOR": prior}
-        curves = plot_curves(groups, KEY_METRICS, args.out / f"curves_{backbone}.png", title=f"{backbone}: PRIOR vs NTP")
-        scaling = [plot_scaling(groups, m, args.out / f"scaling_{backbone}_{m.replace('/', '_')}.png") for m in SCALING_METRICS]
+        curves = plot_curves(groups, [*protocol.likelihood, *protocol.generation], args.out / f"curves_{backbone}.png",
+                             title=f"{backbone}: PRIOR vs NTP")
+        scaling = [plot_scaling(groups, m, args.out / f"scaling_{backbone}_{m.replace('/', '_')}.png")
+                   for m in protocol.scaling]
         summary.append(
-            f"| {backbone} | {len(ntp)} / {len(prior)} | {averages['final']:+.1%} | {averages['auc']:+.1%} |"
+            f"| {backbone} | {len(ntp)} / {len(prior)} | {averages['likelihood_final']:+.1%} | "
+            f"{averages['likelihood_auc']:+.1%} | {averages.get('generation_final', float('nan')):+.1%} |"
         )
         images = "\n".join(f"![{p.stem}]({p.name})" for p in [curves, *scaling])
         sections.append(f"## {backbone}\n\n{table}\n\n{images}\n")
@@ -69,13 +72,13 @@ Every run: the demo corpus (`prior-demo-data corpus={args.corpus}`), the same re
 lr {cfg.optimizer.lr} with {cfg.scheduler._target_.rsplit('.', 1)[-1]}, evaluated every
 {ev.every_n_steps} steps on {ev.limit} images of {', '.join(f'`{s}`' for s in ev.splits)}. NTP and
 PRIOR runs of a seed share initialisation and data order. Values are mean ± std over seeds; *final*
-is step {cfg.trainer.max_steps}, *AUC* the mean over the learning curve, *slope* the power-law exponent of the metric
-against steps (scaling coefficient; the table averages the per-seed fits, the scaling plots fit
-the seed-mean curve, leaving out points at 0); *change* is PRIOR relative to NTP, positive when PRIOR is
-better in the metric's direction. Reported as measured.
+is step {cfg.trainer.max_steps}, *AUC* the mean over the learning curve, *error slope* the power-law exponent of
+the error (1 - accuracy) against steps (the table averages the per-seed fits, the scaling plots fit
+the seed-mean curve); *change* is PRIOR relative to NTP, positive when PRIOR is better in the
+metric's direction. Protocol: conf/protocol/demo.yaml. Reported as measured.
 
-| backbone | seeds (NTP / PRIOR) | average change, final | average change, AUC |
-|---|---|---|---|
+| backbone | seeds (NTP / PRIOR) | likelihood avg, final | likelihood avg, AUC | generation avg, final |
+|---|---|---|---|---|
 {chr(10).join(summary)}
 
 {chr(10).join(sections)}"""

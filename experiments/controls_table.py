@@ -1,7 +1,7 @@
 """A markdown table of learning-curve summaries (final / area under the curve) for labelled runs.
 
-    python experiments/controls_table.py "NTP=experiments/results/controls/demo_ntp" \
-        "PRIOR alpha 0.5=experiments/results/controls/prior_alpha0.5"
+    python experiments/controls_table.py "NTP=experiments/results/from_scratch/controls/demo_ntp" \
+        "PRIOR alpha 0.5=experiments/results/from_scratch/controls/prior_alpha0.5"
 """
 
 from __future__ import annotations

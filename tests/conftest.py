@@ -47,7 +47,7 @@ def demo(tmp_path_factory) -> DemoArtifacts:
     from prior.cli.tokenizer import train_tokenizer
     from prior.cli.train_ref import train_reference
     from prior.cli.weights import compute_weights
-    from prior.data.demo_corpus import CorpusConfig, generate_corpus
+    from prior.demo.corpus import CorpusConfig, generate_corpus
 
     root = tmp_path_factory.mktemp("demo")
     data = root / "data" / "demo"

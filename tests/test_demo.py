@@ -18,14 +18,17 @@ def test_make_demo_tiny_end_to_end_then_the_notebook_runs(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
-    for stage in range(1, 7):
-        assert f"[{stage}/6]" in out
+    for stage in range(1, 9):
+        assert f"[{stage}/8]" in out
     assert "| test_counter/choice_accuracy_color |" in out and "average relative change" in out
-    assert "Demo finished in" in out
+    assert "| test_counter/nll_color_counter |" in out and "steps to 0.5" in out
+    assert "Validity gate" in out and "Demo finished in" in out
     run = next((tmp_path / "logs" / "demo" / "runs").iterdir())
     for name in ("results.md", "curves.png", "scaling.png", "lvlm_ntp/eval_curve.jsonl", "lvlm_prior/export/model.safetensors"):
         assert (run / name).exists(), name
     assert (tmp_path / "artifacts" / "demo" / "token_weights.html").exists()
+    for part in ("base", "reference"):  # the pre-trained parts, with their cache keys
+        assert (tmp_path / "artifacts" / "demo" / part / "prior_stage.json").exists(), part
     assert (tmp_path / "data" / "demo" / "train" / "manifest.json").exists()  # all under paths.root_dir
 
     notebook = nbformat.read(REPO / "notebooks" / "prior_demo.ipynb", as_version=4)
@@ -35,5 +38,27 @@ def test_make_demo_tiny_end_to_end_then_the_notebook_runs(tmp_path):
     finally:
         del os.environ["PRIOR_DEMO_ROOT"]
     outputs = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "demo run:" in outputs and "average relative change" in outputs
+    assert "demo run:" in outputs and "average relative change on the likelihood metrics" in outputs
     assert any(o.get("output_type") == "display_data" for c in notebook.cells for o in c.get("outputs", []))
+
+
+def test_a_cached_part_is_trained_again_only_when_its_config_changes(tmp_path):
+    from prior.cli.common import compose_config
+    from prior.cli.demo import cached_part
+
+    calls = []
+
+    def train(cfg):  # stands in for a training entry point: records the call, exports a folder
+        calls.append(cfg.optimizer.lr)
+        Path(cfg.export_dir).mkdir(parents=True, exist_ok=True)
+        return {"val/ppl": 1.0}
+
+    def cfg(*overrides):
+        return compose_config("train_base", [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run", *overrides])
+
+    first = cached_part(cfg(), "tok", train, fresh=False)
+    assert cached_part(cfg(), "tok", train, fresh=False) == first and len(calls) == 1  # cached
+    assert cached_part(cfg("optimizer.lr=0.5"), "tok", train, fresh=False) != first and len(calls) == 2
+    cached_part(cfg("optimizer.lr=0.5"), "other tokenizer", train, fresh=False)  # an upstream part changed
+    cached_part(cfg("optimizer.lr=0.5"), "other tokenizer", train, fresh=True)
+    assert len(calls) == 4

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prior.data.demo_corpus import (
+from prior.demo.corpus import (
     COLOR_RGB,
     COLORS,
     COMPANION,

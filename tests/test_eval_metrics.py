@@ -8,19 +8,15 @@ import random
 
 import pytest
 
-from prior.data.demo_corpus import (
+from prior.demo.corpus import (
     TYPICAL_COLOR,
     CorpusConfig,
     SplitSpec,
     generate_corpus,
     parse_description,
 )
-from prior.eval.benchmarks import (
-    BENCHMARKS,
-    EvalItem,
-    load_benchmark,
-    typical_color_counterfactuals,
-)
+from prior.demo.benchmark import DemoBenchmark, typical_color_counterfactuals
+from prior.eval.benchmarks import CocoCaptions, EvalItem, coco_caption_items
 from prior.eval.metrics import (
     METRIC_DIRECTIONS,
     GenerationCounts,
@@ -291,9 +287,7 @@ def test_coco_caption_reader_skips_and_counts_bad_images(tmp_path):
     }
     path = tmp_path / "captions.json"
     path.write_text(json.dumps(annotations))
-    stream = load_benchmark(
-        "coco_captions", annotations_json=path, images_dir=images, image_size=16
-    )
+    stream = coco_caption_items(path, images, image_size=16)
     items = list(stream)
     assert len(items) == 1
     item = items[0]
@@ -312,13 +306,9 @@ def test_coco_caption_reader_rejects_other_formats(tmp_path):
     path = tmp_path / "x.json"
     path.write_text(json.dumps({"images": []}))
     with pytest.raises(ValueError, match="COCO captions format"):
-        load_benchmark("coco_captions", annotations_json=path, images_dir=tmp_path)
-
-
-def test_load_benchmark_unknown_name():
-    with pytest.raises(ValueError, match="coco_captions.*demo"):
-        load_benchmark("vqa")
-    assert set(BENCHMARKS) == {"demo", "coco_captions"}
+        coco_caption_items(path, tmp_path)
+    with pytest.raises(ValueError, match="needs benchmark.annotations"):
+        CocoCaptions(annotations=None, images=str(tmp_path))
 
 
 @pytest.fixture(scope="module")
@@ -330,7 +320,7 @@ def demo_corpus(tmp_path_factory):
 
 
 def test_demo_items_yield_every_sample_with_counterfactuals(demo_corpus):
-    stream = load_benchmark("demo", shards=demo_corpus / "test_counter")
+    stream = DemoBenchmark(demo_corpus).items("test_counter")
     items = list(stream)
     assert len(items) == 16 and len({i.key for i in items}) == 16
     assert sum(stream.skipped.values()) == 0
@@ -343,12 +333,12 @@ def test_demo_items_yield_every_sample_with_counterfactuals(demo_corpus):
         assert all(c != item.reference for cs in item.candidates.values() for c in cs)
         typical = typical_color_counterfactuals(item.meta)
         assert typical and set(typical) <= set(item.candidates["color"])
-    assert len(list(load_benchmark("demo", shards=demo_corpus / "test_counter", limit=5))) == 5
+    assert len(list(DemoBenchmark(demo_corpus).items("test_counter", limit=5))) == 5
 
 
 def test_demo_items_skip_samples_without_ground_truth(tmp_path):
     write_img2dataset_shards(tmp_path / "plain", num_shards=1, per_shard=3)
-    stream = load_benchmark("demo", shards=tmp_path / "plain")
+    stream = DemoBenchmark(tmp_path).items("plain")
     assert list(stream) == []
     assert stream.skipped["missing_field"] == 3
 
@@ -369,7 +359,7 @@ def _choices(items: list[EvalItem], score) -> tuple[dict, float]:
 
 
 def test_grounded_scorer_wins_and_prior_scorer_fails_test_counter(demo_corpus):
-    items = list(load_benchmark("demo", shards=demo_corpus / "test_counter"))
+    items = list(DemoBenchmark(demo_corpus).items("test_counter"))
 
     def grounded(item: EvalItem, text: str) -> float:
         return 1.0 if text == item.reference else 0.0

@@ -13,14 +13,8 @@ from prior.cli.eval import main as eval_main
 from prior.cli.eval import run_eval
 from prior.cli.train_lvlm import train_lvlm
 from prior.data.tokenization import encode_caption
-from prior.eval.benchmarks import demo_items
-from prior.eval.evaluator import (
-    EvalResult,
-    demo_description,
-    evaluate,
-    sequence_logprobs,
-    write_results,
-)
+from prior.demo.benchmark import DemoBenchmark, demo_description, demo_items
+from prior.eval.evaluator import EvalResult, evaluate, sequence_logprobs, write_results
 from prior.loss import token_cross_entropy
 from tests.conftest import compose_config
 from tests.helpers import png_bytes
@@ -66,8 +60,10 @@ def test_sequence_logprobs_is_the_summed_token_log_likelihood(module, items):
         sequence_logprobs(lvlm, tok, images[:1], texts)
 
 
-def test_evaluate_does_not_depend_on_batch_size(module, items):
-    results = [evaluate(module.model, module.tokenizer, items, batch_size=bs, **EVAL_FAST) for bs in (1, 7, 64)]
+def test_evaluate_does_not_depend_on_batch_size(demo, module, items):
+    bench = DemoBenchmark(demo.data)
+    results = [evaluate(module.model, module.tokenizer, items, batch_size=bs, benchmark=bench, **EVAL_FAST)
+               for bs in (1, 7, 64)]
     first = results[0]
     expected = {"choice_accuracy", "choice_accuracy_color", "choice_accuracy_shape", "choice_accuracy_count",
                 "choice_accuracy_position", "prior_pick_rate", "nll", "perplexity", "object_precision",
@@ -140,8 +136,8 @@ def test_prior_eval_on_coco_captions_with_images_of_different_sizes(demo, module
     }
     (tmp_path / "captions_val2017.json").write_text(json.dumps(annotations))
     cfg = compose_config("eval", demo.root, [
-        f"model={export}", "benchmark=coco_captions", "resize=none", "max_new_tokens=4",
-        f"coco.annotations={tmp_path}/captions_${{split}}2017.json", f"coco.images={tmp_path}/${{split}}2017",
+        f"model={export}", "benchmark=coco_captions", "benchmark.resize=none", "max_new_tokens=4",
+        f"benchmark.annotations={tmp_path}/captions_{{split}}2017.json", f"benchmark.images={tmp_path}/{{split}}2017",
         f"paths.output_dir={tmp_path / 'run'}",
     ])
     results = run_eval(cfg)
@@ -151,12 +147,11 @@ def test_prior_eval_on_coco_captions_with_images_of_different_sizes(demo, module
 
 
 def test_periodic_eval_appends_a_curve_point_every_n_steps(demo, tmp_path):
-    cb = "+callbacks.periodic_eval"
+    cb = "callbacks.periodic_eval"
     cfg = lvlm_cfg(demo, "loss=ntp", "trainer.max_steps=5", "trainer.val_check_interval=1000",
                    "trainer.limit_val_batches=0", f"paths.output_dir={tmp_path / 'run'}",
-                   f"export_dir={tmp_path / 'export'}",
-                   f"{cb}._target_=prior.eval.callback.PeriodicEval", f"{cb}.data_dir={demo.data}",
-                   f"{cb}.every_n_steps=2", f"{cb}.limit=2", f"{cb}.max_new_tokens=4")
+                   f"export_dir={tmp_path / 'export'}", "callbacks=[default,periodic_eval]",
+                   f"{cb}.every_n_steps=2", f"{cb}.limit=2", f"+{cb}.max_new_tokens=4")
     train_lvlm(cfg)
     lines = [json.loads(line) for line in (tmp_path / "run" / "eval_curve.jsonl").read_text().splitlines()]
     # every 2 steps, then the final step

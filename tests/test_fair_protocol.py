@@ -11,10 +11,11 @@ from hydra.utils import instantiate
 from torch import nn
 
 import prior.eval.evaluator as evaluator
-from prior.data.demo_corpus import parse_description
+from prior.demo.corpus import parse_description
 from prior.data.tokenization import load_tokenizer
-from prior.eval.benchmarks import EvalItem, demo_items
-from prior.eval.token_weights import nll_labels
+from prior.demo.benchmark import DemoBenchmark, demo_items
+from prior.demo.token_kinds import token_labels
+from prior.eval.benchmarks import EvalItem
 from prior.eval.compare import Protocol, comparison_table, protocol_report, summarize
 from prior.eval.metrics import generation_metrics
 from tests.test_lvlm_training import lvlm_cfg
@@ -67,7 +68,7 @@ def test_per_kind_nll_is_reported_per_kind_of_token(demo):
     model = instantiate(lvlm_cfg(demo, "loss=ntp").model, _recursive_=False).model
     items = list(demo_items(demo.data / "test_counter", limit=6))
     fast = {"generate": False, "max_length": 80}
-    m = evaluator.evaluate(model, tokenizer, items, token_labels=nll_labels, **fast).metrics
+    m = evaluator.evaluate(model, tokenizer, items, benchmark=DemoBenchmark(demo.data), **fast).metrics
     kinds = ("visual", "function", "boilerplate", "noise", "eos")
     assert {f"nll_{k}" for k in (*kinds, "color_counter")} <= m.keys()
     assert all(m[f"nll_{k}"] > 0 for k in kinds)
@@ -75,7 +76,7 @@ def test_per_kind_nll_is_reported_per_kind_of_token(demo):
     assert not any(k.startswith("nll_") for k in plain) and plain["nll"] == pytest.approx(m["nll"])
     # every scored token has one coarse kind, so the kinds' NLL, weighted by their token
     # counts, add up to the whole-caption NLL
-    labels = [nll_labels(tokenizer, it.meta["caption"], it.meta, 10_000) for it in items]
+    labels = [token_labels(tokenizer, it.meta["caption"], it.meta, 10_000) for it in items]
     n = {k: 0 for k in kinds}
     for caption_labels in labels:
         ids = evaluator._caption_ids(tokenizer, items[labels.index(caption_labels)].meta["caption"], 80, with_eos=True)

@@ -21,7 +21,7 @@ from prior.cli.train_base import train_base
 from prior.cli.train_lvlm import train_lvlm
 from prior.cli.train_ref import train_reference
 from prior.cli.train_vision import train_vision
-from prior.data.demo_corpus import SCENE_OPEN
+from prior.demo.corpus import SCENE_OPEN
 from prior.data.tokenization import fingerprint, load_tokenizer
 from tests.conftest import TINY_LLM, compose_config
 

@@ -5,7 +5,7 @@
     prior-demo-data --config-name demo_base_data      # the base corpus (base LM, vision tower)
 
 ``corpus`` picks a size preset from ``conf/corpus/`` (default, small, tiny); any knob of
-``prior.data.demo_corpus.CorpusConfig`` can be overridden as ``corpus.<knob>=...``; ``seed`` is a
+``prior.demo.corpus.CorpusConfig`` can be overridden as ``corpus.<knob>=...``; ``seed`` is a
 root key. The corpus is a pure function of the corpus config and the seed.
 """
 
@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from prior.cli._hydra import CONF_DIR
-from prior.data.demo_corpus import CorpusConfig, generate_corpus
+from prior.demo.corpus import CorpusConfig, generate_corpus
 
 
 def generate_from_config(cfg: DictConfig) -> dict:

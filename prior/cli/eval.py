@@ -1,6 +1,7 @@
 """`prior-eval`: evaluate an exported LVLM on a benchmark's splits.
 
-Loads ``model`` with ``prior.load``, evaluates each split of ``benchmark`` with
+Loads ``model`` with ``prior.load``, evaluates each split of ``benchmark`` (a config of
+``conf/benchmark/``, instantiated: any ``prior.eval.benchmarks.Benchmark``) with
 ``prior.eval.evaluator.evaluate``, prints the metric x split table, writes ``eval.json`` and
 ``eval.md`` into ``output_dir`` (the Hydra run folder) and logs ``eval/<split>/<metric>`` to the
 loggers of the ``logger`` group, if any.
@@ -8,53 +9,24 @@ loggers of the ``logger`` group, if any.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import hydra
 import lightning as L
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import prior
 from prior.cli._hydra import CONF_DIR
 from prior.cli.common import instantiate_group
-from prior.eval.benchmarks import BENCHMARKS, ItemStream, load_benchmark
-from prior.eval.token_weights import nll_labels
-from prior.eval.evaluator import EvalResult, demo_description, evaluate, markdown_table, write_results
-
-#: Splits evaluated when ``splits`` is null.
-DEFAULT_SPLITS: dict[str, list[str]] = {"demo": ["test", "test_counter"], "coco_captions": ["val"]}
-#: How each benchmark's generated captions become the text compared with its references.
-POSTPROCESS: dict[str, Callable[[str], str] | None] = {"demo": demo_description, "coco_captions": None}
-
-
-def open_split(cfg: DictConfig, split: str) -> ItemStream:
-    """The items of one split of ``cfg.benchmark``, with ``cfg.split`` (``${split}`` in the
-    benchmark's paths) set to ``split``."""
-    cfg = cfg.copy()
-    cfg.split = split
-    common: dict[str, Any] = {"image_size": cfg.image_size, "resize": cfg.resize, "limit": cfg.limit}
-    if cfg.benchmark == "demo":
-        return load_benchmark("demo", shards=cfg.demo.shards, **common)
-    if cfg.benchmark == "coco_captions":
-        if not cfg.coco.annotations or not cfg.coco.images:
-            raise ValueError(
-                "benchmark=coco_captions needs coco.annotations (a captions json) and coco.images "
-                "(its image folder); either may refer to the split as ${split}."
-            )
-        return load_benchmark(
-            "coco_captions", annotations_json=cfg.coco.annotations, images_dir=cfg.coco.images, **common
-        )
-    raise ValueError(f"Unknown benchmark {cfg.benchmark!r}; choose one of {sorted(BENCHMARKS)}.")
+from prior.eval.benchmarks import Benchmark
+from prior.eval.evaluator import EvalResult, evaluate, markdown_table, write_results
 
 
 def run_eval(cfg: DictConfig) -> dict[str, EvalResult]:
     """Evaluate every split, print and write the table, log the metrics; return the results."""
     L.seed_everything(cfg.seed, verbose=False)
-    splits = list(cfg.splits) if cfg.splits else DEFAULT_SPLITS.get(cfg.benchmark)
-    if not splits:
-        raise ValueError(f"No default splits for benchmark {cfg.benchmark!r}: pass `splits=[...]`.")
+    benchmark: Benchmark = instantiate(cfg.benchmark)
+    splits = list(cfg.splits) if cfg.splits else list(benchmark.default_splits)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     lvlm, tokenizer = prior.load(cfg.model)
     lvlm.to(device)
@@ -63,13 +35,12 @@ def run_eval(cfg: DictConfig) -> dict[str, EvalResult]:
         results[split] = evaluate(
             lvlm,
             tokenizer,
-            open_split(cfg, split),
+            benchmark.items(split, cfg.limit),
             batch_size=cfg.batch_size,
             max_new_tokens=cfg.max_new_tokens,
             max_length=cfg.max_length,
             generate=cfg.generate,
-            postprocess=POSTPROCESS.get(cfg.benchmark),
-            token_labels=nll_labels if cfg.benchmark == "demo" else None,
+            benchmark=benchmark,
         )
         skipped = results[split].skipped
         print(f"{split}: {results[split].num_items} items" + (f", skipped {skipped}" if skipped else ""))

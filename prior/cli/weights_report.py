@@ -1,4 +1,8 @@
-"""`prior-weights-report`: mean weight per token kind and an HTML page of weighted captions."""
+"""`prior-weights-report`: mean weight per token kind and an HTML page of weighted captions.
+
+Token kinds are the demo corpus's (``prior.demo.token_kinds``, from the spans in its json);
+other data, without spans, gets the page and the overall mean weight.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prior.cli._hydra import CONF_DIR
 from prior.data.tokenization import load_tokenizer
+from prior.demo.token_kinds import token_labels
 from prior.eval.token_weights import render_html, scored_samples, weights_by_kind
 
 
@@ -18,7 +23,7 @@ def weights_report(cfg: DictConfig) -> dict[str, dict[str, float]]:
     tokenizer = load_tokenizer(cfg.tokenizer)
     shards = cfg.shards if isinstance(cfg.shards, str) else OmegaConf.to_container(cfg.shards, resolve=True)
     samples = list(scored_samples(shards, tokenizer, cfg.sidecar_dir, cfg.max_length, cfg.limit))
-    stats = weights_by_kind(samples, tokenizer)
+    stats = weights_by_kind(samples, tokenizer, token_labels)
     page = render_html(samples[: cfg.html_examples], tokenizer, stats, cfg.out)
     Path(page).with_suffix(".json").write_text(json.dumps(stats, indent=2))
     print(f"{'token kind':<14} {'mean weight':>11} {'tokens':>8}")

@@ -1,15 +1,13 @@
-"""Benchmark readers: every benchmark becomes a stream of uniform ``EvalItem``s.
+"""The benchmark interface: what evaluation needs from a benchmark, and the generic readers.
 
-A reader returns an ``ItemStream``: an iterator of items that also carries the ``SkipCounter``
-of the samples it skipped (bad or missing images, missing fields), so a bad sample never crashes
-an evaluation and is never dropped silently. ``BENCHMARKS`` names the readers;
-``load_benchmark(name, **kwargs)`` opens one by name.
-
-* ``demo``: the shape-world demo corpus (``prior.data.demo_corpus``): reference = the grammar
-  description, candidates = one-attribute counterfactuals, truth objects from the json.
-* ``coco_captions``: COCO-caption-format annotations (``{"images": [{"id", "file_name", ...}],
-  "annotations": [{"image_id", "caption"}, ...]}``) with an image folder: reference = the
-  image's first caption, all captions in ``meta["references"]``; no candidates, no truth.
+A ``Benchmark`` turns each of its splits into a stream of uniform ``EvalItem``s (an ``ItemStream``
+that also carries the ``SkipCounter`` of the samples it skipped: a bad sample never crashes an
+evaluation and is never dropped silently) and says how to read the model's output: which part of
+a generated caption is compared with the references, how to parse it into objects, which
+descriptions test the language prior, and the kind of each caption token. ``conf/benchmark/``
+picks one by ``_target_``: ``demo`` (``prior.demo.benchmark.DemoBenchmark``) or
+``coco_captions`` (``CocoCaptions``, below): COCO-caption-format annotations with an image
+folder, reference = the image's first caption, all captions in ``meta["references"]``.
 """
 
 from __future__ import annotations
@@ -17,7 +15,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Callable, Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,20 +24,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from prior.data.demo_corpus import TYPICAL_COLOR, counterfactual_descriptions, describe
-from prior.data.pipeline import (
-    RESIZE_MODES,
-    SampleDecoder,
-    SkipCounter,
-    image_to_tensor,
-    raw_samples,
-    resize_image,
-    to_rgb,
-)
-from prior.data.shards import resolve_shards
-from prior.eval.metrics import CHOICE_ATTRIBUTES
+from transformers import PreTrainedTokenizerBase
 
-_DEMO_FIELDS = ("objects", "description", "cue_first")
+from prior.data.pipeline import RESIZE_MODES, SkipCounter, image_to_tensor, resize_image, to_rgb
 
 
 @dataclass
@@ -75,78 +63,45 @@ class ItemStream(Iterator[EvalItem]):
         return self.counter.totals()
 
 
-def _limited(items: Iterator[EvalItem], limit: int | None) -> Iterator[EvalItem]:
+class Benchmark(ABC):
+    """What evaluation (``prior.eval.evaluator.evaluate``, ``prior-eval``, ``PeriodicEval``) needs
+    from a benchmark. Only ``items`` is required; the other hooks default to "not available",
+    and the metrics that need them are then left out."""
+
+    #: The splits ``prior-eval`` evaluates when none are named.
+    default_splits: tuple[str, ...] = ("test",)
+
+    @abstractmethod
+    def items(self, split: str, limit: int | None = None) -> ItemStream:
+        """The first ``limit`` items (all when None) of ``split``."""
+
+    def postprocess(self, generation: str) -> str:
+        """The part of a generated caption that is compared with the references and parsed."""
+        return generation.strip()
+
+    def parse(self, text: str) -> list[dict] | None:
+        """The objects ``text`` mentions (dicts with shape and optionally color, size, position)
+        for the generation metrics against ``EvalItem.truth_objects``; None without a parser."""
+        return None
+
+    def prior_alternatives(self, item: EvalItem) -> list[str]:
+        """Descriptions of ``item`` with a counter-prior attribute set to its prior value, each
+        a choice against the reference (``prior_pick_rate``); none by default."""
+        return []
+
+    def token_labels(
+        self, tokenizer: PreTrainedTokenizerBase, caption: str, meta: dict[str, Any], n: int
+    ) -> list[tuple[str, ...]] | None:
+        """The kinds each of the ``n`` scored tokens of ``caption`` counts under (``nll_<kind>``);
+        None when the benchmark does not know token kinds."""
+        return None
+
+
+def limited(items: Iterator[EvalItem], limit: int | None) -> Iterator[EvalItem]:
     """The first ``limit`` items (all when None)."""
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
     return itertools.islice(items, limit)
-
-
-# --------------------------------------------------------------------------- demo corpus
-
-
-def typical_color_counterfactuals(meta: dict) -> list[str]:
-    """For each counter-prior object of a demo sample (left to right), its description with that
-    object's colour replaced by its shape's typical colour: the choice ``prior_pick_rate`` scores.
-
-    Each is also among ``counterfactual_descriptions(meta, "color")``.
-    """
-    objects = [{k: o[k] for k in ("shape", "color", "size", "position")} for o in meta["objects"]]
-    variants = []
-    for i, obj in enumerate(objects):
-        typical = TYPICAL_COLOR[obj["shape"]]
-        if obj["color"] != typical:
-            changed = [{**o, "color": typical} if j == i else o for j, o in enumerate(objects)]
-            variants.append(describe(changed, meta["cue_first"]))
-    return variants
-
-
-def demo_items(
-    shards: str | os.PathLike | list[str],
-    image_size: int = 32,
-    resize: str = "center_crop",
-    limit: int | None = None,
-    counter: SkipCounter | None = None,
-) -> ItemStream:
-    """Items of demo-corpus shards (a split folder, a brace pattern or a list), in shard order.
-
-    Candidates hold ``counterfactual_descriptions`` for colour, shape, count and position (every
-    attribute present, possibly empty); ``meta`` is the sample's json. Samples without the demo
-    fields (objects, description, cue_first) are skipped as ``missing_field``.
-    """
-    counter = counter if counter is not None else SkipCounter()
-    urls = resolve_shards(shards if isinstance(shards, list) else str(shards)).urls
-    decoder = SampleDecoder(
-        encode=_no_tokens, counter=counter, image_size=image_size, resize=resize
-    )
-
-    def items() -> Iterator[EvalItem]:
-        for raw in raw_samples(urls, counter):
-            sample = decoder(raw)
-            if sample is None:
-                continue
-            meta = sample["meta"]
-            lacking = [f for f in _DEMO_FIELDS if f not in meta]
-            if lacking:
-                counter.add(
-                    "missing_field", f"{sample['key']} in {sample['url']}", f"no {lacking} in json"
-                )
-                continue
-            yield EvalItem(
-                key=sample["key"],
-                image=sample["image"],
-                reference=meta["description"],
-                candidates={a: counterfactual_descriptions(meta, a) for a in CHOICE_ATTRIBUTES},
-                truth_objects=meta["objects"],
-                meta=meta,
-            )
-
-    return ItemStream(_limited(items(), limit), counter)
-
-
-def _no_tokens(text: str) -> list[int]:
-    """Stands in for a tokenizer: evaluation items carry text, not token ids."""
-    return []
 
 
 # --------------------------------------------------------------------------- COCO captions
@@ -213,19 +168,25 @@ def coco_caption_items(
                 meta={**entry, "references": refs},
             )
 
-    return ItemStream(_limited(items(), limit), counter)
+    return ItemStream(limited(items(), limit), counter)
 
 
-# --------------------------------------------------------------------------- registry
+class CocoCaptions(Benchmark):
+    """COCO-caption-format benchmarks (``coco_caption_items``); ``annotations`` and ``images`` may
+    name the split as ``{split}`` (e.g. ``/data/coco/captions_{split}.json``)."""
 
-BENCHMARKS: dict[str, Callable[..., ItemStream]] = {
-    "demo": demo_items,
-    "coco_captions": coco_caption_items,
-}
+    default_splits = ("val",)
 
+    def __init__(self, annotations: str | None, images: str | None, image_size: int = 32, resize: str = "center_crop") -> None:
+        if not annotations or not images:
+            raise ValueError(
+                "benchmark=coco_captions needs benchmark.annotations (a captions json) and benchmark.images "
+                "(its image folder); either may name the split as {split}."
+            )
+        self.annotations, self.images = annotations, images
+        self.image_size, self.resize = image_size, resize
 
-def load_benchmark(name: str, **kwargs: Any) -> ItemStream:
-    """Open benchmark ``name`` from ``BENCHMARKS`` with the reader's keyword arguments."""
-    if name not in BENCHMARKS:
-        raise ValueError(f"Unknown benchmark {name!r}; choose one of {sorted(BENCHMARKS)}.")
-    return BENCHMARKS[name](**kwargs)
+    def items(self, split: str, limit: int | None = None) -> ItemStream:
+        return coco_caption_items(
+            self.annotations.format(split=split), self.images.format(split=split), self.image_size, self.resize, limit
+        )

@@ -1,7 +1,8 @@
 """Evaluation at regular steps during LVLM training, for learning curves.
 
 ``PeriodicEval`` evaluates the module's LVLM (``pl_module.model`` with ``pl_module.tokenizer``)
-on demo-corpus splits every ``every_n_steps`` optimizer steps and once more when training ends
+on splits of any ``Benchmark`` (``conf/callbacks/periodic_eval.yaml``) every ``every_n_steps``
+optimizer steps and once more when training ends
 (unless that step was just evaluated). Each evaluation logs ``eval/<split>/<metric>`` to the
 trainer's loggers at the current step and appends one JSON line per split,
 ``{"step": global_step, "split": ..., **metrics}``, to ``<default_root_dir>/eval_curve.jsonl``.
@@ -21,25 +22,23 @@ from typing import Any
 
 import lightning as L
 
-from prior.eval.benchmarks import EvalItem, demo_items
-from prior.eval.token_weights import nll_labels
-from prior.eval.evaluator import EvalResult, demo_description, evaluate
+from prior.eval.benchmarks import Benchmark, EvalItem
+from prior.eval.evaluator import EvalResult, evaluate
 
 CURVE_FILE = "eval_curve.jsonl"
 
 
 class PeriodicEval(L.Callback):
-    """Evaluate on ``splits`` of the demo corpus every ``every_n_steps`` optimizer steps.
+    """Evaluate on ``splits`` of ``benchmark`` every ``every_n_steps`` optimizer steps.
 
-    ``data_dir`` is the demo corpus folder (``prior-demo-data``'s ``out_dir``, shards under
-    ``<data_dir>/<split>``); the first ``limit`` items of each split (all when None) are read
-    once, at setup, and kept in memory. ``batch_size``, ``max_new_tokens``, ``max_length`` and
-    ``generate`` go to ``evaluate``; ``image_size`` and ``resize`` must match the training data.
+    The first ``limit`` items of each split (all when None) are read once, at setup, and kept in
+    memory. ``batch_size``, ``max_new_tokens``, ``max_length`` and ``generate`` go to
+    ``evaluate``; the benchmark's image size and resizing must match the training data's.
     """
 
     def __init__(
         self,
-        data_dir: str,
+        benchmark: Benchmark,
         splits: Sequence[str] = ("test", "test_counter"),
         every_n_steps: int = 100,
         limit: int | None = 128,
@@ -47,13 +46,11 @@ class PeriodicEval(L.Callback):
         max_new_tokens: int = 48,
         max_length: int = 80,
         generate: bool = True,
-        image_size: int = 32,
-        resize: str = "center_crop",
     ) -> None:
         super().__init__()
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
-        self.data_dir = Path(data_dir)
+        self.benchmark = benchmark
         self.splits = list(splits)
         self.every_n_steps = every_n_steps
         self.limit = limit
@@ -63,8 +60,6 @@ class PeriodicEval(L.Callback):
             "max_length": max_length,
             "generate": generate,
         }
-        self.image_size = image_size
-        self.resize = resize
         self.items: dict[str, list[EvalItem]] = {}
         self.last_results: dict[str, EvalResult] = {}
         self._last_step: int | None = None
@@ -81,7 +76,7 @@ class PeriodicEval(L.Callback):
                 "the exported model or its checkpoints."
             )
         for split in self.splits:
-            stream = demo_items(self.data_dir / split, self.image_size, self.resize, limit=self.limit)
+            stream = self.benchmark.items(split, self.limit)
             self.items[split] = list(stream)
             if not self.items[split]:
                 raise ValueError(f"No evaluation items in split {split!r} ({stream.skipped or 'none skipped'}).")
@@ -107,8 +102,7 @@ class PeriodicEval(L.Callback):
         with trainer.precision_plugin.forward_context():
             self.last_results = {
                 split: evaluate(
-                    pl_module.model, pl_module.tokenizer, items, postprocess=demo_description,
-                    token_labels=nll_labels, **self.eval_kwargs,
+                    pl_module.model, pl_module.tokenizer, items, benchmark=self.benchmark, **self.eval_kwargs
                 )
                 for split, items in self.items.items()
             }

@@ -6,17 +6,19 @@ left out rather than reported as nan):
 
 * ``choice_accuracy`` and ``choice_accuracy_<attribute>`` (color, shape, count, position): the
   true description against its one-attribute counterfactuals, scored by the model's mean
-  log-likelihood per token (``choice_score``: candidates of different length compete fairly) (``prior.eval.metrics.choice_accuracy_by_attribute``; the overall figure pools
-  every (item, attribute) choice);
-* ``prior_pick_rate``: over the counter-prior objects of demo items, how often the description
-  with the shape's typical colour outscores the true one (lower is better);
+  log-likelihood per token (``choice_score``, so candidates of different length compete
+  fairly; ``prior.eval.metrics.choice_accuracy_by_attribute``; the overall figure pools every
+  (item, attribute) choice);
+* ``prior_pick_rate``: how often a description from the benchmark's ``prior_alternatives``
+  (for the demo: a counter-prior colour replaced by the shape's typical one) outscores the true
+  one (lower is better);
 * ``nll`` and ``perplexity``: token-weighted over the reference captions (``meta["caption"]``,
-  else ``reference``) with their EOS; with ``token_labels``, ``nll_<kind>`` per kind of token
-  (visual words, function words, boilerplate, noise, EOS for the demo), since one
-  whole-caption perplexity penalises a re-weighting objective by construction;
-* with ``generate``: greedy captions, ``postprocess``-ed (``demo_description`` for the demo),
-  parsed with ``parse_description`` into ``generation_metrics`` against ``truth_objects``, and
-  ``bleu4`` / ``rouge_l`` against the reference (all of ``meta["references"]`` when present).
+  else ``reference``) with their EOS; where the benchmark has ``token_labels``, ``nll_<kind>``
+  per kind of token (for the demo: visual words, function words, boilerplate, noise, EOS), since
+  one whole-caption perplexity penalises a re-weighting objective by construction;
+* with ``generate``: greedy captions, cut by the benchmark's ``postprocess``, parsed by its
+  ``parse`` into ``generation_metrics`` against ``truth_objects``, and ``bleu4`` / ``rouge_l``
+  against the reference (all of ``meta["references"]`` when present).
 
 Every text is scored on its own image, so results depend on the items only, not on
 ``batch_size`` (beyond float rounding in the model's kernels): per-item scores are summed in
@@ -31,9 +33,8 @@ import contextlib
 import itertools
 import json
 import math
-import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from prior.data.demo_corpus import parse_description
 from prior.data.tokenization import encode_caption, special_ids
-from prior.eval.benchmarks import EvalItem, typical_color_counterfactuals
+from prior.eval.benchmarks import Benchmark, EvalItem
 from prior.eval.metrics import (
     METRIC_DIRECTIONS,
     GenerationCounts,
@@ -56,13 +56,9 @@ from prior.eval.metrics import (
 from prior.loss import token_cross_entropy
 from prior.models.lvlm import LVLM
 
-#: ``(tokenizer, caption, meta, n)`` -> the labels (token kinds) of each of the ``n`` scored tokens.
-TokenLabeler = Callable[[PreTrainedTokenizerBase, str, dict, int], list[tuple[str, ...]]]
-
 JSON_FILE = "eval.json"
 MARKDOWN_FILE = "eval.md"
 
-_DESCRIPTION = re.compile(r"\b(?:one|two|three) shapes?:", re.IGNORECASE)
 
 
 @dataclass
@@ -79,17 +75,6 @@ class EvalResult:
     samples: list[dict[str, Any]] = field(default_factory=list)
     num_items: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
-
-
-def demo_description(text: str) -> str:
-    """The description inside a demo web-style caption: from its count word ("one|two|three
-    shape(s):") up to the first "." after it (or the end); the whole text, stripped, if there
-    is no count word."""
-    match = _DESCRIPTION.search(text)
-    if match is None:
-        return text.strip()
-    end = text.find(".", match.end())
-    return text[match.start() : end if end >= 0 else len(text)].strip()
 
 
 # --------------------------------------------------------------------------- scoring
@@ -215,6 +200,16 @@ def _eval_mode(lvlm: LVLM) -> Iterator[None]:
 # --------------------------------------------------------------------------- evaluation
 
 
+class _NoHooks(Benchmark):
+    """The hooks of a benchmark that has none (``evaluate`` without ``benchmark``)."""
+
+    def items(self, split: str, limit: int | None = None):  # noqa: ANN201
+        raise NotImplementedError
+
+
+_NO_HOOKS = _NoHooks()
+
+
 @dataclass
 class _Tally:
     """Everything ``evaluate`` accumulates over the items."""
@@ -266,19 +261,19 @@ def evaluate(
     max_new_tokens: int = 48,
     max_length: int = 80,
     generate: bool = True,
-    postprocess: Callable[[str], str] | None = None,
+    benchmark: Benchmark | None = None,
     num_samples: int = 16,
-    token_labels: TokenLabeler | None = None,
 ) -> EvalResult:
     """Score, and with ``generate`` caption, every item; the metrics are described in the module
     docstring.
 
     ``batch_size`` is both the number of (image, text) pairs per scoring forward and the number
     of images per generation batch; ``max_length`` caps the ids of every scored text (as in
-    training); ``postprocess`` maps a generated caption to the text compared with the
-    references and parsed for objects (identity when None); the first ``num_samples`` items
-    are kept in ``EvalResult.samples``; ``token_labels`` names the kinds of each caption token
-    for the per-kind NLL (``nll_<kind>``). The model is evaluated in eval mode without gradient
+    training); ``benchmark`` (the one the items come from) says how to read the model's output
+    through its ``postprocess``, ``parse``, ``prior_alternatives`` and ``token_labels`` hooks
+    (without one, generations are only stripped and the metrics that need a hook are left
+    out); the first ``num_samples`` items are kept in ``EvalResult.samples``. The model is
+    evaluated in eval mode without gradient
     and left in the mode it was in.
     """
     if batch_size < 1:
@@ -290,8 +285,7 @@ def evaluate(
             _evaluate_chunk(
                 lvlm, tokenizer, chunk, tally,
                 batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length,
-                generate=generate, postprocess=postprocess, num_samples=num_samples,
-                token_labels=token_labels,
+                generate=generate, benchmark=benchmark or _NO_HOOKS, num_samples=num_samples,
             )  # fmt: skip
     skipped = {reason: n for reason, n in getattr(items, "skipped", {}).items() if n}
     if tally.items == 0:
@@ -311,17 +305,15 @@ def _evaluate_chunk(
     max_new_tokens: int,
     max_length: int,
     generate: bool,
-    postprocess: Callable[[str], str] | None,
+    benchmark: Benchmark,
     num_samples: int,
-    token_labels: TokenLabeler | None,
 ) -> None:
     """Add a chunk of items to ``tally``."""
     # Every distinct description of an item is scored once on its image; then its caption.
     choice_texts: list[list[str]] = []
-    for item in chunk:
-        texts = [item.reference, *(t for ts in item.candidates.values() for t in ts)]
-        if _has_prior_info(item):
-            texts += typical_color_counterfactuals(item.meta)
+    alternatives = [benchmark.prior_alternatives(item) for item in chunk]
+    for item, prior_texts in zip(chunk, alternatives, strict=True):
+        texts = [item.reference, *(t for ts in item.candidates.values() for t in ts), *prior_texts]
         choice_texts.append(list(dict.fromkeys(texts)))
     pairs = [
         (i, _caption_ids(tokenizer, text, max_length, with_eos=False))
@@ -334,22 +326,22 @@ def _evaluate_chunk(
     logprobs = _score(lvlm, tokenizer, images, pairs, batch_size)
 
     offset = 0
-    for item, texts in zip(chunk, choice_texts, strict=True):
+    for item, texts, prior_texts in zip(chunk, choice_texts, alternatives, strict=True):
         score = {t: choice_score(lp) for t, lp in zip(texts, logprobs[offset : offset + len(texts)], strict=True)}
         offset += len(texts)
         if any(item.candidates.values()):
             tally.true_scores.append(score[item.reference])
             tally.counterfactual_scores.append({a: [score[t] for t in ts] for a, ts in item.candidates.items()})
-        if _has_prior_info(item):
-            for typical in typical_color_counterfactuals(item.meta):
-                tally.prior_true.append(score[item.reference])
-                tally.prior_typical.append(score[typical])
+        for typical in prior_texts:
+            tally.prior_true.append(score[item.reference])
+            tally.prior_typical.append(score[typical])
     for item, caption, lp in zip(chunk, captions, logprobs[offset:], strict=True):
         tally.nll_sum -= math.fsum(lp)
         tally.tokens += len(lp)
-        if token_labels is not None:
-            for labels, value in zip(token_labels(tokenizer, caption, item.meta, len(lp)), lp, strict=True):
-                for label in labels:
+        labels = benchmark.token_labels(tokenizer, caption, item.meta, len(lp))
+        if labels is not None:
+            for kinds, value in zip(labels, lp, strict=True):
+                for label in kinds:
                     tally.kind_nll[label] -= value
                     tally.kind_tokens[label] += 1
 
@@ -358,9 +350,9 @@ def _evaluate_chunk(
     parsed: list[list[dict] | None] = [None] * len(chunk)
     if generate:
         generations = list(_generate(lvlm, tokenizer, images, max_new_tokens))
-        predictions = [postprocess(g) if postprocess else g for g in generations]
-        parsed = [parse_description(p) for p in predictions]
-        with_truth = [i for i, item in enumerate(chunk) if item.truth_objects is not None]
+        predictions = [benchmark.postprocess(g) for g in generations]
+        parsed = [benchmark.parse(p) for p in predictions]
+        with_truth = [i for i, item in enumerate(chunk) if item.truth_objects is not None and parsed[i] is not None]
         tally.generation.update([parsed[i] for i in with_truth], [chunk[i].truth_objects for i in with_truth])
         tally.truth_captions += len(with_truth)
         tally.text.update(predictions, [item.meta.get("references") or item.reference for item in chunk])
@@ -379,11 +371,6 @@ def _evaluate_chunk(
                 }
             )
     tally.items += len(chunk)
-
-
-def _has_prior_info(item: EvalItem) -> bool:
-    """Whether ``item.meta`` describes demo objects (for ``typical_color_counterfactuals``)."""
-    return {"objects", "cue_first"} <= item.meta.keys()
 
 
 # --------------------------------------------------------------------------- results

@@ -2,7 +2,7 @@
 
 Nothing here runs a model. Scores are log-likelihoods (higher = the model prefers the text),
 generations and ground truth are lists of objects (dicts with ``shape`` and optionally ``color``,
-``size``, ``position``; ``prior.data.demo_corpus.parse_description`` makes them from text), and
+``size``, ``position``; ``prior.demo.corpus.parse_description`` makes them from text), and
 learning curves are (step, value) sequences.
 
 Corpus-level metrics come with accumulators (``GenerationCounts``, ``TextMetricAccumulator``)
@@ -47,7 +47,9 @@ METRIC_DIRECTIONS: dict[str, bool] = {
     "rouge_l": True,
     "perplexity": False,
     "nll": False,
-    **{f"nll_{k}": False for k in ("visual", "color_counter", "function", "boilerplate", "noise", "eos")},
+    # per kind of token (``nll_<kind>``, the kinds a benchmark's ``token_labels`` name; the demo's)
+    **{f"nll_{k}": False for k in ("visual", "shape", "color_typical", "color_counter", "function", "boilerplate",
+                                    "noise", "scene", "eos")},
 }
 
 

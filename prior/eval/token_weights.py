@@ -1,9 +1,8 @@
 """What the reference LM's weights look like: mean weight per kind of token, and an HTML page.
 
-Token kinds come from the character spans the demo corpus writes into each sample's json
-(``visual``, ``function``, ``boilerplate``, ``noise``); visual words are split further into
-shape words and colours that follow the shape's prior (``color_typical``) or not
-(``color_counter``). Data without spans still gets the HTML page and the overall mean.
+Token kinds come from a ``TokenLabels`` function (the demo's, ``prior.demo.token_kinds``, reads
+the spans its corpus writes into each json); tokens of no kind count in ``all`` only, so data
+without spans still gets the HTML page and the overall mean.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 import html
 import json
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,57 +21,6 @@ from prior.data.pipeline import SkipCounter, raw_samples
 from prior.data.sidecars import SidecarError, load_sidecar, sidecar_path
 from prior.data.shards import resolve_shards
 from prior.data.tokenization import encode_caption
-
-KINDS = ("visual", "shape", "color_typical", "color_counter", "function", "boilerplate", "noise", "eos")
-
-
-def span_kinds(caption: str, meta: dict[str, Any]) -> list[str | None]:
-    """The kind of every character of ``caption`` (None where no span covers it)."""
-    kinds: list[str | None] = [None] * len(caption)
-    colors = iter(meta.get("objects", []))
-    color_words = {o["color"] for o in meta.get("objects", [])}
-    shape_words = {o["shape"] for o in meta.get("objects", [])}
-    for span in meta.get("spans", []):
-        kind = span["cls"]
-        if kind == "visual" and span["text"] in shape_words:
-            kind = "shape"
-        elif kind == "visual" and span["text"] in color_words:
-            obj = next(colors, None)
-            kind = "color_counter" if obj and obj.get("counter_prior") else "color_typical"
-        for c in range(span["start"], min(span["end"], len(caption))):
-            kinds[c] = kind
-    return kinds
-
-
-def token_kinds(tokenizer: PreTrainedTokenizerBase, caption: str, meta: dict[str, Any], n: int) -> list[str | None]:
-    """The kind of each of the first ``n`` scored tokens (caption tokens after BOS, then EOS)."""
-    enc = tokenizer(caption, add_special_tokens=False, return_offsets_mapping=True)
-    chars = span_kinds(caption, meta)
-    kinds: list[str | None] = []
-    for start, end in enc["offset_mapping"]:
-        piece = [chars[c] for c in range(start, end) if not caption[c].isspace()]
-        kinds.append(piece[0] if piece else None)
-    kinds.append("eos")
-    return kinds[:n]
-
-
-#: The kinds of token the evaluation's per-kind NLL reports, and the token kinds each one pools.
-NLL_KINDS: dict[str, frozenset[str]] = {
-    "visual": frozenset({"visual", "shape", "color_typical", "color_counter"}),
-    "color_counter": frozenset({"color_counter"}),
-    "function": frozenset({"function"}),
-    "boilerplate": frozenset({"boilerplate"}),
-    "noise": frozenset({"noise"}),
-    "eos": frozenset({"eos"}),
-}
-
-
-def nll_labels(tokenizer: PreTrainedTokenizerBase, caption: str, meta: dict[str, Any], n: int) -> list[tuple[str, ...]]:
-    """The ``NLL_KINDS`` each of the first ``n`` scored tokens of ``caption`` counts under."""
-    kinds = token_kinds(tokenizer, caption, meta, n)
-    kinds += [None] * (n - len(kinds))
-    return [tuple(label for label, members in NLL_KINDS.items() if kind in members) for kind in kinds]
-
 
 def scored_samples(
     shards: Any, tokenizer: PreTrainedTokenizerBase, sidecar_dir: str | None, max_length: int, limit: int | None
@@ -100,17 +48,21 @@ def scored_samples(
             yield {"key": key, "caption": caption, "ids": ids, "weights": w, "logprobs": logp, "meta": meta}
 
 
-def weights_by_kind(samples: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> dict[str, dict[str, float]]:
+#: ``(tokenizer, caption, meta, n)`` -> the kinds each of the ``n`` scored tokens counts under.
+TokenLabels = Callable[[PreTrainedTokenizerBase, str, dict[str, Any], int], list[tuple[str, ...]]]
+
+
+def weights_by_kind(
+    samples: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, token_labels: TokenLabels
+) -> dict[str, dict[str, float]]:
     """Mean weight and token count per kind, plus ``all``."""
     sums: dict[str, list[float]] = defaultdict(list)
     for s in samples:
-        kinds = token_kinds(tokenizer, s["caption"], s["meta"], len(s["ids"]))
-        for kind, w in zip(kinds, s["weights"].tolist(), strict=False):
+        labels = token_labels(tokenizer, s["caption"], s["meta"], len(s["ids"]))
+        for kinds, w in zip(labels, s["weights"].tolist(), strict=True):
             sums["all"].append(w)
-            if kind is not None:
+            for kind in kinds:
                 sums[kind].append(w)
-                if kind in ("shape", "color_typical", "color_counter"):
-                    sums["visual"].append(w)
     return {k: {"mean": float(np.mean(v)), "tokens": len(v)} for k, v in sums.items()}
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from prior.config import to_plain
-from prior.data.demo_corpus import COLORS, POSITIONS, SHAPES, SIZES
+from prior.demo.corpus import COLORS, POSITIONS, SHAPES, SIZES
 from prior.modules.base import TokenLossModule
 
 #: Per column: (name, number of classes); "present" is 2-way, the others apply where present.
