@@ -13,7 +13,8 @@ DEMO_SIZE   ?= default
 ARGS        ?=
 
 # `make demo` is the main job: the whole pipeline on the built-in corpus, then PRIOR vs NTP.
-.PHONY: help install demo test data tokenizer train-ref weights weights-report train-lvlm eval clean
+.PHONY: help install demo test data data-base tokenizer train-base train-vision train-ref train-ref-base weights \
+	weights-report train-lvlm eval experiment clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-15s\033[0m %s\n", $$1, $$2}'
@@ -27,7 +28,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the project with its dev extras
 
-demo: install ## the whole pipeline on the demo corpus, then the PRIOR-vs-NTP table (DEMO_SIZE=tiny for a smoke run)
+demo: install ## PRIOR vs NTP in the paper's setting U on the demo corpus, from nothing (DEMO_SIZE=tiny: smoke run)
 	$(VENV)/bin/prior-demo demo_size=$(DEMO_SIZE) $(ARGS)
 
 test: install ## run the test suite
@@ -36,11 +37,23 @@ test: install ## run the test suite
 data: install ## generate the demo corpus (DEMO_SIZE=tiny|small|default) under data/demo
 	$(VENV)/bin/prior-demo-data corpus=$(DEMO_SIZE) $(ARGS)
 
+data-base: install ## the base corpus (own seed, verbal scenes) for the base LM and vision tower, under data/demo_base
+	$(VENV)/bin/prior-demo-data --config-name demo_base_data corpus=$(DEMO_SIZE) $(ARGS)
+
 tokenizer: install ## train the demo BPE tokenizer on the demo corpus captions
 	$(VENV)/bin/prior-tokenizer $(ARGS)
 
-train-ref: install ## stage 1: pre-train the text-only reference LM on the demo captions
+train-base: install ## the demo's base LM (stands in for a pretrained LLM), text only on the base corpus
+	$(VENV)/bin/prior-train-base $(ARGS)
+
+train-vision: install ## the demo's vision tower (stands in for CLIP), attribute heads on the base corpus images
+	$(VENV)/bin/prior-train-vision $(ARGS)
+
+train-ref: install ## stage 1: pre-train the text-only reference LM on the demo captions (from scratch)
 	$(VENV)/bin/prior-train-ref $(ARGS)
+
+train-ref-base: install ## stage 1 in the paper's regimes: the base LM fine-tuned on the demo captions
+	$(VENV)/bin/prior-train-ref --config-name train_ref_base $(ARGS)
 
 weights: install ## stage 2: score every caption token with the reference LM (weight sidecars)
 	$(VENV)/bin/prior-weights $(ARGS)
@@ -53,6 +66,9 @@ train-lvlm: install ## stage 3: train the LVLM (ARGS="backbone=visual_encoder lo
 
 eval: install ## evaluate an exported LVLM (ARGS="model=logs/train_lvlm/runs/<run>/export splits=[test_counter]")
 	$(VENV)/bin/prior-eval $(ARGS)
+
+experiment: install ## the paper-regime experiment (LR sweep, 3 seeds, ablations) into experiments/results/paper_regimes
+	$(PY) experiments/run_paper_regimes.py $(ARGS)
 
 clean: ## remove generated data, runs and artifacts (keeps .venv)
 	rm -rf data logs outputs multirun artifacts

@@ -18,8 +18,8 @@ def test_make_demo_tiny_end_to_end_then_the_notebook_runs(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
-    for stage in range(1, 9):
-        assert f"[{stage}/8]" in out
+    for stage in range(1, 8):
+        assert f"[{stage}/7]" in out
     assert "| test_counter/choice_accuracy_color |" in out and "average relative change" in out
     assert "| test_counter/nll_color_counter |" in out and "steps to 0.5" in out
     assert "Validity gate" in out and "Demo finished in" in out

@@ -137,7 +137,7 @@ def test_prior_eval_on_coco_captions_with_images_of_different_sizes(demo, module
     (tmp_path / "captions_val2017.json").write_text(json.dumps(annotations))
     cfg = compose_config("eval", demo.root, [
         f"model={export}", "benchmark=coco_captions", "benchmark.resize=none", "max_new_tokens=4",
-        f"benchmark.annotations={tmp_path}/captions_{{split}}2017.json", f"benchmark.images={tmp_path}/{{split}}2017",
+        f"benchmark.annotations='{tmp_path}/captions_{{split}}2017.json'", f"benchmark.images='{tmp_path}/{{split}}2017'",
         f"paths.output_dir={tmp_path / 'run'}",
     ])
     results = run_eval(cfg)

@@ -42,7 +42,9 @@ def parts(demo) -> Parts:
     generate_from_config(compose_config("demo_base_data", demo.root, ["corpus=tiny", "corpus.num_workers=1"]))
     steps = ["trainer.max_steps=4", "trainer.val_check_interval=4"]
     base_cfg = compose_config("train_base", demo.root, [*FEW, *TINY_LLM, *steps])
-    train_base(base_cfg)
+    reading = train_base(base_cfg)
+    assert reading["scene_reading/probes"] > 0
+    assert 0 < reading["scene_reading/with_scene"] < 1 and 0 < reading["scene_reading/without_scene"] < 1
     vision_cfg = compose_config("train_vision", demo.root, [*FEW, *steps])
     train_vision(vision_cfg)
     ref_cfg = compose_config(
@@ -50,6 +52,20 @@ def parts(demo) -> Parts:
     )
     train_reference(ref_cfg)
     return Parts(Path(base_cfg.export_dir), Path(vision_cfg.export_dir), Path(ref_cfg.export_dir))
+
+
+def test_scene_reading_prompts_stop_before_each_counter_prior_colour():
+    from prior.demo.probes import _prompts
+
+    objects = [
+        {"shape": "circle", "color": "green", "size": "large", "position": "left", "counter_prior": True},
+        {"shape": "square", "color": "blue", "size": "small", "position": "right", "counter_prior": False},
+        {"shape": "star", "color": "red", "size": "small", "position": "middle", "counter_prior": True},
+    ]
+    assert _prompts({"objects": objects}) == [
+        ("three shapes: a large circle in", "green"),
+        ("three shapes: a large circle in green on the left, a small star in", "red"),
+    ]
 
 
 def test_base_corpus_is_disjoint_and_carries_verbal_scenes(demo, parts):

@@ -99,7 +99,7 @@ def run_demo(cfg: DictConfig) -> dict[str, float]:
         raise ValueError(f"regime must be h (frozen tower and LM, projector only) or u (encoder-free), got {regime!r}")
     common = [f"paths.root_dir={cfg.paths.root_dir}", f"seed={cfg.seed}"]
     run = [f"logger={cfg.logger}", f"data.batch_size={size.batch_size}", *size.extra]
-    stage = Stages(9 if regime == "h" else 8)
+    stage = Stages(8 if regime == "h" else 7)
 
     stage(f"demo corpus and base corpus ({size.corpus})")
     for name, overrides in (("demo_data", common), ("demo_base_data", common[:1])):  # the base corpus keeps its seed

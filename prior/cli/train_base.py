@@ -12,13 +12,28 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from lightning.pytorch.utilities import rank_zero_only
+from transformers import AutoModelForCausalLM
+
 from prior.cli._hydra import CONF_DIR
 from prior.cli.common import train_and_export
+from prior.data.tokenization import load_tokenizer
+from prior.demo.probes import scene_reading
 
 
 def train_base(cfg: DictConfig) -> dict[str, float]:
-    """Train, export, and return the final metrics."""
-    return train_and_export(cfg, "Base LM")
+    """Train, export, check that the exported LM reads a verbal scene (``prior.demo.probes``) and
+    return the final metrics with that check's figures (``scene_reading/*``)."""
+    metrics = train_and_export(cfg, "Base LM")
+    if rank_zero_only.rank != 0:
+        return metrics
+    model = AutoModelForCausalLM.from_pretrained(cfg.export_dir)
+    reading = scene_reading(model, load_tokenizer(cfg.export_dir), cfg.data.shards.val)
+    print(
+        f"Context reading, {reading['probes']} counter-prior objects of val: P(true colour) "
+        f"{reading['with_scene']:.2f} after a verbal scene, {reading['without_scene']:.2f} without one"
+    )
+    return {**metrics, **{f"scene_reading/{k}": float(v) for k, v in reading.items()}}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train_base")

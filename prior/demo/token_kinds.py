@@ -35,13 +35,14 @@ def span_kinds(caption: str, meta: dict[str, Any]) -> list[str | None]:
 
 
 def token_kinds(tokenizer: PreTrainedTokenizerBase, caption: str, meta: dict[str, Any], n: int) -> list[str | None]:
-    """The kind of each of the first ``n`` scored tokens (caption tokens after BOS, then EOS)."""
+    """The kind of each of the first ``n`` scored tokens (caption tokens after BOS, then EOS): the
+    kind of its first non-space character; a token of spaces alone belongs to the word after it."""
     enc = tokenizer(caption, add_special_tokens=False, return_offsets_mapping=True)
     chars = span_kinds(caption, meta)
     kinds: list[str | None] = []
     for start, end in enc["offset_mapping"]:
-        piece = [chars[c] for c in range(start, end) if not caption[c].isspace()]
-        kinds.append(piece[0] if piece else None)
+        first = next((c for c in range(start, len(caption)) if not caption[c].isspace()), None)
+        kinds.append(chars[first] if first is not None else None)
     kinds.append("eos")
     return kinds[:n]
 

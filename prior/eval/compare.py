@@ -204,11 +204,28 @@ def comparison_table(
         )
     averages = {k: _nanmean(v) for k, v in gains.items()}
     if average:
+        spread = {k: _seed_spread(base, other, [m for m in metrics if not _unbounded(m)], k) for k in gains}
         rows.append(
-            f"| **average relative change** ({len(gains['final'])} metrics) | | | | **{_pct(averages['final'])}** "
-            f"| | | **{_pct(averages['auc'])}** |"
+            f"| **average relative change** ({len(gains['final'])} metrics) | | | | **{_pct(averages['final'])}**"
+            f"{spread['final']} | | | **{_pct(averages['auc'])}**{spread['auc']} |"
         )
     return "\n".join(rows), averages
+
+
+def _seed_spread(base: Sequence[Curve], other: Sequence[Curve], metrics: Sequence[str], stat: str) -> str:
+    """`` ± std`` of the average relative change computed seed by seed (run i of ``base`` against
+    run i of ``other``, which share initialisation and data order); empty for a single seed."""
+    if len(base) != len(other) or len(base) < 2:
+        return ""
+    per_seed = []
+    for a, b in zip(base, other, strict=True):
+        changes = []
+        for metric in metrics:
+            sa, sb = summarize([a], metric), summarize([b], metric)
+            if sa.seeds and sb.seeds:
+                changes.append(change(metric, getattr(sa, stat)[0], getattr(sb, stat)[0]))
+        per_seed.append(_nanmean(changes))
+    return f" ± {np.nanstd(per_seed):.1%}"
 
 
 def scaling_table(
