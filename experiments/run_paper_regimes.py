@@ -9,7 +9,9 @@
 2. Learning-rate sweep on val (seed 0): per setting (``demo_h``, ``demo_u``) and loss (NTP,
    PRIOR), three rates; each loss's rate is picked by the protocol's selection metric on val.
 3. The comparison: every seed (``--seeds``) at each loss's own rate, and ``--shared-seeds`` at the
-   shared rate (the recipe's; seed 0 by default, which the sweep already ran).
+   shared rate (the recipe's; seed 0 by default, which the sweep already ran). A setting whose
+   NTP fails the protocol's validity gate on seed 0 at its best rate is invalid: it gets no
+   more runs (its sweep is reported as such).
 4. Ablations (``--ablation-seeds``) at the chosen rates: PRIOR with ``loss.alpha=0.5``, and a corpus
    without noise (``noise_p=0``, its own reference LM and weights) for both losses.
 5. ``experiments/aggregate_regimes.py`` writes the tables and plots into ``--results``.
@@ -161,6 +163,12 @@ def main(argv: list[str] | None = None) -> None:
     print("== seeds at each loss's own rate and at the shared rate; ablations", flush=True)
     jobs = {}
     for s in a.settings:
+        gate = {lr: protocol.passes_gate([load_curve(Path(a.runs) / f"{s}/ntp_lr{lr}_s0")]) for lr in LRS[s]}
+        if not any(ok for ok, _ in gate.values()):  # NTP reads the image at no rate: invalid, nothing more on it
+            values = ", ".join(f"lr {lr}: {v:.3f}" for lr, (_, v) in gate.items())
+            print(f"  {s}: NTP fails the validity gate at every rate ({protocol.gate['metric']} {values}; "
+                  f"needed >= {protocol.gate['min']}): no seeds or ablations", flush=True)
+            continue
         for l in ("ntp", "prior"):
             jobs.update({f"{s}/{l}_lr{best[(s, l)]}_s{seed}": job(s, l, best[(s, l)], seed) for seed in a.seeds})
             lr = SHARED_LR[s]
