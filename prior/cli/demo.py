@@ -139,7 +139,8 @@ def run_demo(cfg: DictConfig) -> dict[str, float]:
           f"({size.lvlm_steps} steps, lr NTP {cfg.lr[regime].ntp}, PRIOR {cfg.lr[regime].prior})")
     runs = {
         loss: [*common, *run, f"experiment=demo_{regime}", f"loss={loss}", f"optimizer.lr={cfg.lr[regime][loss]}",
-               *steps(size.lvlm_steps), f"callbacks.periodic_eval.every_n_steps={size.eval_every}",
+               *steps(size.lvlm_steps), "callbacks.periodic_eval.splits=[test,test_counter]",  # no val: the rates are chosen
+               f"callbacks.periodic_eval.every_n_steps={size.eval_every}",
                f"callbacks.periodic_eval.limit={size.eval_limit}", f"hydra.run.dir={out / f'lvlm_{loss}'}"]
         for loss in ("ntp", "prior")
     }
