@@ -60,7 +60,6 @@ JSON_FILE = "eval.json"
 MARKDOWN_FILE = "eval.md"
 
 
-
 @dataclass
 class EvalResult:
     """Metrics of one evaluated split, with the first items' generations for logging tables.
@@ -273,8 +272,7 @@ def evaluate(
     through its ``postprocess``, ``parse``, ``prior_alternatives`` and ``token_labels`` hooks
     (without one, generations are only stripped and the metrics that need a hook are left
     out); the first ``num_samples`` items are kept in ``EvalResult.samples``. The model is
-    evaluated in eval mode without gradient
-    and left in the mode it was in.
+    evaluated in eval mode without gradient and left in the mode it was in.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
