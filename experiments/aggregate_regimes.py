@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections import defaultdict
@@ -51,6 +52,10 @@ def find_runs(root: Path) -> dict[str, dict[tuple[str, str, str], dict[int, Curv
     return runs
 
 
+def _pct(x: float) -> str:
+    return f"{x:+.1%}" if math.isfinite(x) else "n/a"
+
+
 def seeds(group: dict[int, Curve]) -> list[Curve]:
     return [group[s] for s in sorted(group)]
 
@@ -68,7 +73,7 @@ def section(setting: str, runs: dict, sel: dict, shared: str, protocol: Protocol
              f"{len(ntp)} / {len(prior)} seeds)\n", report + "\n"]
     groups = {f"NTP lr {lr_ntp}": ntp, f"PRIOR lr {lr_prior}": prior}
     shared_ntp, shared_prior = runs.get(("ntp", "", shared)), runs.get(("prior", "", shared))
-    shared_avg = float("nan")
+    shared_avg = math.nan
     if shared_ntp and shared_prior:
         table, s_avg = comparison_table(seeds(shared_ntp), seeds(shared_prior), protocol.likelihood)
         shared_avg = s_avg["final"]
@@ -103,8 +108,8 @@ def section(setting: str, runs: dict, sel: dict, shared: str, protocol: Protocol
     parts.append(f"![curves]({curves.name})\n![scaling]({scaling.name})\n")
     color = [summarize(g, "test_counter/choice_accuracy_color").final[0] for g in (ntp, prior)]
     row = (f"| {setting.upper()} | {'passed' if ok else 'FAILED'} | {len(ntp)}/{len(prior)} | "
-           f"{avg['likelihood_final']:+.1%} | {avg['likelihood_auc']:+.1%} | "
-           f"{avg.get('generation_final', float('nan')):+.1%} | {shared_avg:+.1%} | {color[0]:.3f} -> {color[1]:.3f} |")
+           f"{_pct(avg['likelihood_final'])} | {_pct(avg['likelihood_auc'])} | "
+           f"{_pct(avg.get('generation_final', math.nan))} | {_pct(shared_avg)} | {color[0]:.3f} -> {color[1]:.3f} |")
     return "\n".join(parts), row
 
 
