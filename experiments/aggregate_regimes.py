@@ -1,11 +1,14 @@
 """Tables and plots of ``experiments/run_paper_regimes.py`` under the pre-registered protocol.
 
     python experiments/aggregate_regimes.py logs/paper_regimes --out experiments/results/paper_regimes
+    python experiments/aggregate_regimes.py experiments/results/paper_regimes/runs \
+        --out experiments/results/paper_regimes                 # again, from the committed curves
 
 Run folders are ``<runs>/<setting>/<loss>[_<variant>]_lr<lr>_s<seed>``; ``<runs>/selection.json``
 holds each loss's learning rate chosen on val and the shared rate. Per setting: the validity gate,
 PRIOR vs NTP at each one's own rate (the headline) and at the shared rate, the sweep, and the
-ablations (alpha 0.5, no noise), with learning curves and the scaling plot.
+ablations (alpha 0.5, no noise), with learning curves and the scaling plot. Each run's curve and
+composed config are copied under ``<out>/runs`` so the page can be rebuilt from what is committed.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import json
 import math
 import re
+import shutil
 import sys
 from collections import defaultdict
 from datetime import date
@@ -113,6 +117,20 @@ def section(setting: str, runs: dict, sel: dict, shared: str, protocol: Protocol
     return "\n".join(parts), row
 
 
+def copy_runs(runs: Path, dest: Path) -> None:
+    """Keep what the tables are made of beside them: every run's curve and composed config, and
+    the learning-rate selection (checkpoints and exports stay behind)."""
+    if runs.resolve() == dest.resolve():
+        return
+    for path in runs.glob(f"*/*/{CURVE_FILE}"):
+        target = dest / path.parent.relative_to(runs)
+        (target / ".hydra").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target / CURVE_FILE)
+        for name in ("config.yaml", "overrides.yaml"):
+            shutil.copy2(path.parent / ".hydra" / name, target / ".hydra" / name)
+    shutil.copy2(runs / "selection.json", dest / "selection.json")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path)
@@ -120,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--machine", default="2-core CPU")
     parser.add_argument("--steps", type=int, default=600)
     args = parser.parse_args(argv)
+    copy_runs(args.runs, args.out / "runs")
     protocol = Protocol.load("demo")
     selection = json.loads((args.runs / "selection.json").read_text())
     runs = find_runs(args.runs)
@@ -138,7 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     text = f"""# PRIOR vs NTP in the paper's two settings (demo scale)
 
 Measured on {args.machine} ({date.today().isoformat()}) by `python experiments/run_paper_regimes.py`;
-these tables by `python experiments/aggregate_regimes.py {args.runs} --out {args.out}`. Protocol
+these tables by `python experiments/aggregate_regimes.py {args.runs} --out {args.out}`
+(`python experiments/aggregate_regimes.py {args.out}/runs --out {args.out}` rebuilds them from the
+committed curves in `runs/`). Protocol
 fixed before the runs in `conf/protocol/demo.yaml`. Every run: {args.steps} steps of batch
 {cfg.data.batch_size}, evaluated every {ev.every_n_steps} steps on {ev.limit} images of
 {', '.join(f'`{s}`' for s in ev.splits)}; choices score the mean log-probability per token. *final* is
