@@ -104,7 +104,7 @@ def run_jobs(py: str, jobs: dict[str, list[str]], a: argparse.Namespace, env: di
         run_dir = Path(a.runs) / name
         args = [py, "-m", "prior.cli.train_lvlm", *overrides, f"trainer={a.trainer}",
                 f"trainer.max_steps={a.steps}", f"hydra.run.dir={run_dir}"]
-        sh(args, run_dir.with_suffix(".log"), env)
+        sh(args, run_dir.parent / f"{run_dir.name}.log", env)
 
     with ThreadPoolExecutor(a.parallel) as pool:
         list(pool.map(one, todo.items()))
