@@ -79,7 +79,7 @@ def section(setting: str, runs: dict, sel: dict, shared: str, protocol: Protocol
     shared_ntp, shared_prior = runs.get(("ntp", "", shared)), runs.get(("prior", "", shared))
     shared_avg = math.nan
     if shared_ntp and shared_prior:
-        table, s_avg = comparison_table(seeds(shared_ntp), seeds(shared_prior), protocol.likelihood)
+        table, s_avg = comparison_table(seeds(shared_ntp), seeds(shared_prior), protocol.likelihood, average=ok)
         shared_avg = s_avg["final"]
         parts += [f"### At the shared learning rate {shared} ({len(shared_ntp)} / {len(shared_prior)} seeds), "
                   "likelihood metrics\n", table + "\n"]
@@ -101,7 +101,7 @@ def section(setting: str, runs: dict, sel: dict, shared: str, protocol: Protocol
         other = runs.get(("prior", variant, lr_prior))
         base = runs.get(("ntp", variant, lr_ntp)) if variant == "nonoise" else runs[("ntp", "", lr_ntp)]
         if other and base:
-            table, _ = comparison_table(seeds(base), seeds(other), protocol.likelihood)
+            table, _ = comparison_table(seeds(base), seeds(other), protocol.likelihood, average=ok)
             parts += [f"### Ablation: {what} ({len(base)} / {len(other)} seeds), likelihood metrics\n", table + "\n"]
             if variant == "alpha0.5":
                 groups[f"PRIOR a=0.5 lr {lr_prior}"] = seeds(other)
@@ -111,9 +111,10 @@ def section(setting: str, runs: dict, sel: dict, shared: str, protocol: Protocol
                            "test_counter/choice_accuracy_color", out / f"scaling_{setting}.png")
     parts.append(f"![curves]({curves.name})\n![scaling]({scaling.name})\n")
     color = [summarize(g, "test_counter/choice_accuracy_color").final[0] for g in (ntp, prior)]
-    row = (f"| {setting.upper()} | {'passed' if ok else 'FAILED'} | {len(ntp)}/{len(prior)} | "
-           f"{_pct(avg['likelihood_final'])} | {_pct(avg['likelihood_auc'])} | "
-           f"{_pct(avg.get('generation_final', math.nan))} | {_pct(shared_avg)} | {color[0]:.3f} -> {color[1]:.3f} |")
+    figures = [avg.get(k, math.nan) for k in ("likelihood_final", "likelihood_auc", "generation_final")]
+    cells = " | ".join(_pct(x) for x in [*figures, shared_avg]) if ok else "invalid | invalid | invalid | invalid"
+    row = (f"| {setting.upper()} | {'passed' if ok else 'FAILED'} | {len(ntp)}/{len(prior)} | {cells} | "
+           f"{color[0]:.3f} -> {color[1]:.3f} |")
     return "\n".join(parts), row
 
 

@@ -119,7 +119,11 @@ def test_the_protocol_config_averages_tables_separately():
     assert averages["likelihood_final"] == pytest.approx(0.5) and "generation_final" not in averages
     assert "steps to 0.5 | never | 167 |" in report
     assert small.passes_gate(ntp) == (True, 0.4)
-    assert not Protocol(likelihood=(up,), gate={"metric": up, "min": 0.5}).passes_gate(ntp)[0]
+    strict = Protocol(likelihood=(up,), gate={"metric": up, "min": 0.5})
+    assert not strict.passes_gate(ntp)[0]
+    report, averages = protocol_report(ntp, prior, strict)  # NTP does not read the image: no verdict
+    assert averages == {} and report.startswith("**Invalid under the validity gate**")
+    assert "average relative change" not in report
 
 
 def test_the_average_change_comes_with_its_spread_over_seeds():

@@ -171,12 +171,15 @@ def run_demo(cfg: DictConfig) -> dict[str, float]:
     print(f"Token-weight page: {report_cfg.out}\nCurves: {plots[0]}\nScaling: {plots[1]}\nTable: {out / 'results.md'}")
     color = "test_counter/choice_accuracy_color"
     final = {k: v[0].get(color, [(0, float("nan"))])[-1][1] for k, v in curves.items()}
+    verdict = (
+        f"PRIOR vs NTP average relative change {averages['likelihood_final']:+.1%} on the likelihood metrics at the "
+        f"last step ({averages['likelihood_auc']:+.1%} over the learning curve), "
+        f"{averages['generation_final']:+.1%} on the generation metrics"
+        if averages else "no average: the comparison is invalid under the validity gate"
+    )
     print(
-        f"\nDemo finished in {stage.minutes():.1f} min. Setting {regime.upper()}: PRIOR vs NTP average relative "
-        f"change {averages['likelihood_final']:+.1%} on the likelihood metrics at the last step "
-        f"({averages['likelihood_auc']:+.1%} over the learning curve), {averages['generation_final']:+.1%} on the "
-        f"generation metrics; colour choice on counter-prior images {final['ntp']:.2f} (NTP) -> "
-        f"{final['prior']:.2f} (PRIOR)."
+        f"\nDemo finished in {stage.minutes():.1f} min. Setting {regime.upper()}: {verdict}; colour choice on "
+        f"counter-prior images {final['ntp']:.2f} (NTP) -> {final['prior']:.2f} (PRIOR)."
     )
     return averages
 

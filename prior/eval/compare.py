@@ -257,11 +257,20 @@ def protocol_report(
 ) -> tuple[str, dict[str, float]]:
     """The protocol's tables as markdown (likelihood, generation, per-kind NLL, scaling) and the
     average relative changes: ``likelihood_final``, ``likelihood_auc``, ``generation_final``,
-    ``generation_auc``."""
-    parts, averages = [], {}
+    ``generation_auc``. When ``base`` fails the protocol's validity gate the comparison is
+    invalid: the tables are still shown, for inspection, but no average is computed (empty dict)."""
+    valid, gate_value = protocol.passes_gate(base)
+    parts: list[str] = []
+    averages: dict[str, float] = {}
+    if not valid:
+        parts.append(
+            f"**Invalid under the validity gate**: {protocol.gate['metric']} of {labels[0]} at the last step is "
+            f"{gate_value:.3f} < {protocol.gate['min']}, so {labels[0]} does not read the image. The tables are "
+            "shown for inspection; no average is reported."
+        )
     for name, metrics, average in (
-        ("Likelihood (pre-registered average)", protocol.likelihood, True),
-        ("Generation (greedy captions; averaged on its own)", protocol.generation, True),
+        ("Likelihood (pre-registered average)", protocol.likelihood, valid),
+        ("Generation (greedy captions; averaged on its own)", protocol.generation, valid),
         ("NLL per token kind (shown, not averaged)", protocol.nll, False),
     ):
         if not metrics:
