@@ -45,14 +45,19 @@ TITLES = {"h": "H: frozen vision tower + frozen base LM, projector only (`experi
           "u": "U: encoder-free, LM initialised from the base LM, all trained (`experiment=demo_u`)"}
 
 
-def find_runs(root: Path) -> dict[str, dict[tuple[str, str, str], dict[int, Curve]]]:
-    """setting -> (loss, variant, lr) -> seed -> curves."""
+def find_runs(root: Path, steps: int) -> dict[str, dict[tuple[str, str, str], dict[int, Curve]]]:
+    """setting -> (loss, variant, lr) -> seed -> curves, of the runs whose curve reaches ``steps``."""
     runs: dict[str, dict[tuple[str, str, str], dict[int, Curve]]] = defaultdict(lambda: defaultdict(dict))
     for path in sorted(root.glob(f"*/*/{CURVE_FILE}")):
         match = NAME.match(path.parent.name)
-        if match:
-            key = (match["loss"], match["variant"] or "", match["lr"])
-            runs[path.parent.parent.name][key][int(match["seed"])] = load_curve(path.parent)
+        if not match:
+            continue
+        curve = load_curve(path.parent)
+        if max((s for points in curve.values() for s, _ in points), default=0) < steps:
+            print(f"left out, not finished: {path.parent}", file=sys.stderr)
+            continue
+        key = (match["loss"], match["variant"] or "", match["lr"])
+        runs[path.parent.parent.name][key][int(match["seed"])] = curve
     return runs
 
 
@@ -142,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     copy_runs(args.runs, args.out / "runs")
     protocol = Protocol.load("demo")
     selection = json.loads((args.runs / "selection.json").read_text())
-    runs = find_runs(args.runs)
+    runs = find_runs(args.runs, args.steps)
     if not runs:
         raise SystemExit(f"No runs under {args.runs}: run experiments/run_paper_regimes.py first.")
     args.out.mkdir(parents=True, exist_ok=True)
