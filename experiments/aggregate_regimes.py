@@ -45,6 +45,11 @@ TITLES = {"h": "H: frozen vision tower + frozen base LM, projector only (`experi
           "u": "U: encoder-free, LM initialised from the base LM, all trained (`experiment=demo_u`)"}
 
 
+def finished(run_dir: Path, steps: int) -> bool:
+    """Whether a run's evaluation curve reaches ``steps``."""
+    return max((s for points in load_curve(run_dir).values() for s, _ in points), default=0) >= steps
+
+
 def find_runs(root: Path, steps: int) -> dict[str, dict[tuple[str, str, str], dict[int, Curve]]]:
     """setting -> (loss, variant, lr) -> seed -> curves, of the runs whose curve reaches ``steps``."""
     runs: dict[str, dict[tuple[str, str, str], dict[int, Curve]]] = defaultdict(lambda: defaultdict(dict))
@@ -52,12 +57,11 @@ def find_runs(root: Path, steps: int) -> dict[str, dict[tuple[str, str, str], di
         match = NAME.match(path.parent.name)
         if not match:
             continue
-        curve = load_curve(path.parent)
-        if max((s for points in curve.values() for s, _ in points), default=0) < steps:
+        if not finished(path.parent, steps):
             print(f"left out, not finished: {path.parent}", file=sys.stderr)
             continue
         key = (match["loss"], match["variant"] or "", match["lr"])
-        runs[path.parent.parent.name][key][int(match["seed"])] = curve
+        runs[path.parent.parent.name][key][int(match["seed"])] = load_curve(path.parent)
     return runs
 
 
@@ -123,12 +127,14 @@ def section(setting: str, runs: dict, sel: dict, shared: str, protocol: Protocol
     return "\n".join(parts), row
 
 
-def copy_runs(runs: Path, dest: Path) -> None:
+def copy_runs(runs: Path, dest: Path, steps: int) -> None:
     """Keep what the tables are made of beside them: every run's curve and composed config, and
     the learning-rate selection (checkpoints and exports stay behind)."""
     if runs.resolve() == dest.resolve():
         return
     for path in runs.glob(f"*/*/{CURVE_FILE}"):
+        if not finished(path.parent, steps):
+            continue
         target = dest / path.parent.relative_to(runs)
         (target / ".hydra").mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target / CURVE_FILE)
@@ -144,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--machine", default="2-core CPU")
     parser.add_argument("--steps", type=int, default=600)
     args = parser.parse_args(argv)
-    copy_runs(args.runs, args.out / "runs")
+    copy_runs(args.runs, args.out / "runs", args.steps)
     protocol = Protocol.load("demo")
     selection = json.loads((args.runs / "selection.json").read_text())
     runs = find_runs(args.runs, args.steps)
