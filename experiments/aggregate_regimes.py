@@ -169,9 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     text = f"""# PRIOR vs NTP in the paper's two settings (demo scale)
 
 Measured on {args.machine} ({date.today().isoformat()}) by `python experiments/run_paper_regimes.py`;
-these tables by `python experiments/aggregate_regimes.py {args.runs} --out {args.out}`
-(`python experiments/aggregate_regimes.py {args.out}/runs --out {args.out}` rebuilds them from the
-committed curves in `runs/`). Protocol
+these tables by `python experiments/aggregate_regimes.py {args.out}/runs --out {args.out}`, from
+every run's curve and config in `runs/`. Protocol
 fixed before the runs in `conf/protocol/demo.yaml`. Every run: {args.steps} steps of batch
 {cfg.data.batch_size}, evaluated every {ev.every_n_steps} steps on {ev.limit} images of
 {', '.join(f'`{s}`' for s in ev.splits)}; choices score the mean log-probability per token. *final* is
