@@ -36,7 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prior.eval.compare import CURVE_FILE, Protocol, load_curve  # noqa: E402
+from experiments.aggregate_regimes import finished  # noqa: E402
+from prior.eval.compare import Protocol, load_curve  # noqa: E402
 
 SETTINGS = {"h": "demo_h", "u": "demo_u"}
 LRS = {"h": ("1e-3", "3e-3", "1e-2"), "u": ("1e-4", "3e-4", "1e-3")}
@@ -86,12 +87,6 @@ def prepare(py: str, a: argparse.Namespace, env: dict[str, str]) -> None:
             print(f"  cached: {done.relative_to(ROOT)}")
             continue
         sh([py, "-m", *args, f"hydra.run.dir={logs}/{name}"], logs / f"{name}.log", env)
-
-
-def finished(run_dir: Path, steps: int) -> bool:
-    """Whether a run's evaluation curve reaches ``steps``."""
-    path = run_dir / CURVE_FILE
-    return path.exists() and any(json.loads(line)["step"] >= steps for line in path.read_text().splitlines())
 
 
 def run_jobs(py: str, jobs: dict[str, list[str]], a: argparse.Namespace, env: dict[str, str]) -> None:
