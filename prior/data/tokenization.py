@@ -12,6 +12,7 @@ exactly those. Changing this policy changes ``TEMPLATE_VERSION`` and so every fi
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Iterable
@@ -25,18 +26,34 @@ SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
-    """Load any Hugging Face tokenizer: a local folder or a hub name (hub needs network access)."""
+    """Load any Hugging Face tokenizer: a local folder, a hub name (hub needs network access) or
+    the path of a ``.gguf`` file (the tokenizer stored in it, e.g. ``llm=smollm2``'s)."""
     try:
-        tok = AutoTokenizer.from_pretrained(str(name_or_path))
+        tok = _load(str(name_or_path))
     except (OSError, ValueError) as err:
         raise FileNotFoundError(
             f"Cannot load a tokenizer from {name_or_path!r}: {err}\n"
-            "Pass a folder written by `save_pretrained` (the demo's comes from `make tokenizer`) "
-            "or a hub name this machine can reach."
+            "Pass a folder written by `save_pretrained` (the demo's comes from `make tokenizer`), "
+            "a hub name this machine can reach, or the path of a .gguf file."
         ) from err
     if tok.eos_token_id is None:
         raise ValueError(f"Tokenizer {name_or_path!r} has no eos_token; set one before training.")
     return tok
+
+
+def _load(name_or_path: str) -> PreTrainedTokenizerBase:
+    if not name_or_path.endswith(".gguf"):
+        return AutoTokenizer.from_pretrained(name_or_path)
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise OSError(f"no GGUF file at {path}")
+    return copy.deepcopy(_load_gguf(str(path.resolve()), path.stat().st_mtime_ns))
+
+
+@lru_cache(maxsize=4)
+def _load_gguf(path: str, mtime_ns: int) -> PreTrainedTokenizerBase:
+    """A GGUF file's tokenizer, parsed once per process (seconds each time otherwise)."""
+    return AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name)
 
 
 def special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int, int]:
