@@ -147,6 +147,20 @@ def test_generic_hf_preset_loads_any_saved_model_and_rejects_conflicting_sizes(t
         build_llm(None, **{**hf, "model_type": "gpt2"})
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    cfg = {"model_type": "llama", "config": {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+                                             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1}}
+    ids = torch.randint(0, 64, (2, 12))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_llm(None, **cfg, gradient_checkpointing=checkpointing)
+        assert model.training and model.is_gradient_checkpointing == checkpointing
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_gguf_paths_and_the_package_resolver_say_what_to_do(tmp_path):
     assert pretrained_source(None, "/models/x/m.gguf") == ("/models/x", "m.gguf")
     assert pretrained_source("/models/x", "m.gguf") == ("/models/x", "m.gguf")
