@@ -46,7 +46,9 @@ TITLES = {"h": "H: frozen vision tower + frozen base LM, projector only (`experi
 
 
 def finished(run_dir: Path, steps: int) -> bool:
-    """Whether a run's evaluation curve reaches ``steps``."""
+    """Whether a run's evaluation curve reaches ``steps`` (False for a run not started yet)."""
+    if not (Path(run_dir) / CURVE_FILE).exists():
+        return False
     return max((s for points in load_curve(run_dir).values() for s, _ in points), default=0) >= steps
 
 

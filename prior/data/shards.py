@@ -42,8 +42,8 @@ def resolve_shards(spec: str | Path | list[str]) -> ShardSet:
             found = sorted(str(p) for p in Path(item).glob("*.tar"))
             if not found:
                 raise FileNotFoundError(
-                    f"No *.tar shards in {item}. Generate the demo corpus with `make data` or point "
-                    "`data.<split>` at a folder of WebDataset shards."
+                    f"No *.tar shards in {item}. {_MAKE_HINT}, or point `data.shards.<split>` at a "
+                    "folder of WebDataset shards."
                 )
             urls.extend(found)
         else:
@@ -54,9 +54,13 @@ def resolve_shards(spec: str | Path | list[str]) -> ShardSet:
         if "://" not in url and not url.startswith("pipe:") and not Path(url).exists():
             raise FileNotFoundError(
                 f"Shard {url} does not exist. Check the path (relative paths start where the command "
-                "runs) or generate the demo corpus with `make data`."
+                f"runs), or generate it: {_MAKE_HINT}."
             )
     return ShardSet(tuple(urls), tuple(_shard_count(u) for u in urls))
+
+
+_MAKE_HINT = ("`make data` writes the demo corpus (data/demo), `make data-base` the base corpus (data/demo_base), "
+              "`make real-llm` the real-LLM corpus (data/smollm2) with its SmolLM2 weights")
 
 
 def _shard_count(url: str) -> int | None:
