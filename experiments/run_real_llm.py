@@ -1,8 +1,8 @@
 """PRIOR vs NTP on a real pretrained LLM (SmolLM2-135M, `llm=smollm2`), in the paper's two settings.
 
     python experiments/run_real_llm.py                        (make real-llm)
-    python experiments/run_real_llm.py --steps 100 --seeds 0 --settings h
-    python experiments/run_real_llm.py --trainer gpu --steps 2000 --seeds 0,1,2 \
+    python experiments/run_real_llm.py --steps 100 --eval-every 50 --seeds 0 --settings h
+    python experiments/run_real_llm.py --trainer gpu --steps 2000 --eval-every 250 --seeds 0,1,2 \
         --results experiments/results/real_llm_gpu --extra llm.dtype=bfloat16 data.batch_size=32
 
 1. The parts, each skipped when its output exists: the real-LLM corpus (`corpus=real_llm`, its own
@@ -16,8 +16,9 @@
    per setting, into ``--results`` with every run's curve and composed config, the command and
    the hardware.
 
-A run whose evaluation curve already reaches the last step is not run again, so the script
-resumes. With ``--parallel 2`` each process uses one thread (best on a 2-core CPU).
+A step of U (all 134.5M parameters trained) costs about twice one of H, hence the default
+``--steps h=300,u=150``. A run whose evaluation curve already reaches the last step is not run
+again, so the script resumes. With ``--parallel 2`` each process uses one thread (best on a 2-core CPU).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def prepare(py: str, a: argparse.Namespace, env: dict[str, str]) -> dict[str, st
         ("weights", data / "smollm2" / "train" / "00000.prior.npz",
          ["prior.cli.weights", "reference=${paths.artifacts_dir}/smollm2/reference",
           "shards=[${paths.data_dir}/smollm2/train,${paths.data_dir}/smollm2/val]"]),
+        ("weights_report", art / "smollm2" / "token_weights.json",
+         ["prior.cli.weights_report", "shards=${paths.data_dir}/smollm2/val",
+          "tokenizer=${paths.artifacts_dir}/smollm2/reference", "out=${paths.artifacts_dir}/smollm2/token_weights.html"]),
     ]
     if "h" in a.settings:
         stages[1:1] = [
@@ -71,22 +75,33 @@ def prepare(py: str, a: argparse.Namespace, env: dict[str, str]) -> dict[str, st
             print(f"  cached: {done.relative_to(ROOT)}", flush=True)
             continue
         sh([py, "-m", *args, f"hydra.run.dir={logs}/{name}"], logs / f"{name}.log", env)
-    ref_log = logs / "reference.log"
+    ref_log, report_log = logs / "reference.log", logs / "weights_report.log"
     found = re.findall(r"Validation perplexity: ([0-9.]+)", ref_log.read_text()) if ref_log.exists() else []
-    return {"reference_val_ppl": found[-1] if found else "n/a (cached before this run)"}
+    table = re.search(r"^token kind.*?(?=^Token-weight page)", report_log.read_text(), re.S | re.M) if report_log.exists() else None
+    return {"reference_val_ppl": found[-1] if found else "n/a (cached before this run)",
+            "weights_by_kind": table.group(0).rstrip() if table else "n/a (cached before this run)"}
 
 
-def run_jobs(py: str, jobs: dict[str, list[str]], a: argparse.Namespace, env: dict[str, str]) -> None:
-    """Train every job (name -> overrides) not yet finished, ``a.parallel`` at a time."""
-    todo = {n: o for n, o in jobs.items() if not finished(Path(a.runs) / n, a.steps)}
+def per_setting(text: str) -> dict[str, int]:
+    """``300`` (every setting) or ``h=300,u=150``."""
+    if "=" not in text:
+        return {s: int(text) for s in SETTINGS}
+    values = dict(item.split("=") for item in text.split(","))
+    return {s: int(values[s]) for s in SETTINGS if s in values}
+
+
+def run_jobs(py: str, setting: str, jobs: dict[str, list[str]], a: argparse.Namespace, env: dict[str, str]) -> None:
+    """Train every job (name -> overrides) of ``setting`` not yet finished, ``a.parallel`` at a time."""
+    steps, every = a.steps[setting], a.eval_every[setting]
+    todo = {n: o for n, o in jobs.items() if not finished(Path(a.runs) / n, steps)}
     print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; {len(todo)} to run", flush=True)
 
     def one(item: tuple[str, list[str]]) -> None:
         name, overrides = item
         run_dir = Path(a.runs) / name
         args = [py, "-m", "prior.cli.train_lvlm", *overrides, f"trainer={a.trainer}",
-                f"trainer.max_steps={a.steps}", f"trainer.val_check_interval={a.steps}", f"checkpoint_every={a.steps}",
-                f"callbacks.periodic_eval.every_n_steps={a.eval_every}", *a.extra, f"hydra.run.dir={run_dir}"]
+                f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", f"checkpoint_every={steps}",
+                f"callbacks.periodic_eval.every_n_steps={every}", *a.extra, f"hydra.run.dir={run_dir}"]
         sh(args, run_dir.parent / f"{run_dir.name}.log", env)
 
     with ThreadPoolExecutor(a.parallel) as pool:
@@ -110,10 +125,12 @@ def aggregate(a: argparse.Namespace, argv: list[str], ref: dict[str, str]) -> st
         "# PRIOR vs NTP on a real pretrained LLM: SmolLM2-135M-Instruct\n",
         f"Command: `python experiments/run_real_llm.py {shlex.join(argv)}`".rstrip() + "  ",
         f"Hardware: {hardware(a.trainer)}.  ",
-        f"Runs: {a.steps} steps per run, evaluation every {a.eval_every} steps on the test and test_counter splits "
-        f"of the real-LLM corpus (`corpus=real_llm`), seeds {a.seeds}; NTP and PRIOR at the recipe's learning rate "
-        "(the same for both; no sweep). Tables: the pre-registered protocol `conf/protocol/demo.yaml`.  ",
-        f"Reference LM (SmolLM2 fine-tuned on the captions, `train_ref_smollm2`): validation perplexity {ref['reference_val_ppl']}.\n",
+        f"Runs: batch {a.batch_size}, seeds {a.seeds}, evaluation on the test and test_counter splits of the real-LLM "
+        "corpus (`corpus=real_llm`, 128 images each); NTP and PRIOR at the recipe's learning rate (the same for both; "
+        "no sweep). Tables: the pre-registered protocol `conf/protocol/demo.yaml`.  ",
+        f"Reference LM (SmolLM2 fine-tuned on the captions, `train_ref_smollm2`): validation perplexity {ref['reference_val_ppl']}. "
+        "Its token weights `1 - p_ref` on the val captions, by token kind (`prior-weights-report`):\n",
+        "```\n" + ref.get("weights_by_kind", "n/a") + "\n```\n",
     ]
     for setting in a.settings:
         recipe, title = SETTINGS[setting]
@@ -125,7 +142,8 @@ def aggregate(a: argparse.Namespace, argv: list[str], ref: dict[str, str]) -> st
         verdict = (f"average relative change of PRIOR over NTP: {averages['likelihood_final']:+.1%} likelihood "
                    f"(last step), {averages['likelihood_auc']:+.1%} (AUC), {averages['generation_final']:+.1%} generation"
                    if averages else "no average (invalid under the validity gate)")
-        parts += [f"## {title}\n", f"{verdict}. Curves: `{Path(plot).name}`.\n", report, ""]
+        parts += [f"## {title}\n", f"{a.steps[setting]} steps per run, evaluated every {a.eval_every[setting]} steps; "
+                  f"{verdict}. Curves: `{Path(plot).name}`.\n", report, ""]
         for loss in ("ntp", "prior"):
             for s in a.seeds:
                 src = Path(a.runs) / setting / f"{loss}_s{s}"
@@ -146,8 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", default="experiments/results/real_llm_cpu")
     parser.add_argument("--settings", default="h,u", type=lambda s: s.split(","))
     parser.add_argument("--seeds", default="0", type=lambda s: [int(x) for x in s.split(",")])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--steps", default="h=300,u=150", type=per_setting, help="300, or per setting: h=300,u=150")
+    parser.add_argument("--eval-every", default="h=100,u=75", type=per_setting)
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--trainer", default="cpu")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides for every LVLM run")
@@ -156,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(a.settings) - set(SETTINGS)
     if unknown:
         parser.error(f"unknown settings {sorted(unknown)}: choose from {sorted(SETTINGS)}")
+    if set(a.settings) - set(a.steps) or set(a.settings) - set(a.eval_every):
+        parser.error("--steps and --eval-every need a value for every setting in --settings")
+    a.batch_size = next((int(x.split("=")[1]) for x in a.extra if x.startswith("data.batch_size=")), 8)
     py = sys.executable
     env = dict(os.environ)
     if a.parallel > 1 and a.trainer == "cpu":
@@ -166,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"== setting {setting.upper()}", flush=True)
         jobs = {f"{setting}/{loss}_s{s}": [f"experiment={SETTINGS[setting][0]}", f"loss={loss}", f"seed={s}"]
                 for s in a.seeds for loss in ("ntp", "prior")}
-        run_jobs(py, jobs, a, env)
+        run_jobs(py, setting, jobs, a, env)
     print(aggregate(a, argv, ref))
     (Path(a.results) / "reference.json").write_text(json.dumps(ref, indent=2))
 
