@@ -155,7 +155,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = build_llm(None, **cfg, gradient_checkpointing=checkpointing)
-        assert model.training and model.is_gradient_checkpointing == checkpointing
+        assert model.training and model.is_activation_checkpointing == checkpointing
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])

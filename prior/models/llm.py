@@ -168,7 +168,7 @@ def build_llm(
         log.warning("Resizing %s embeddings from %d to %d rows to fit the tokenizer.", type(model).__name__, vocab, len(tokenizer))
         model.resize_token_embeddings(len(tokenizer))
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
