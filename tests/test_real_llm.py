@@ -209,7 +209,8 @@ def test_real_llm_driver_tables_apply_the_protocol_gate(tmp_path):
     assert finished(runs / "h" / "ntp_s0", 10) and not finished(runs / "h" / "ntp_s0", 11)
     assert not finished(runs / "h" / "never_started", 1)
     a = argparse.Namespace(runs=str(runs), results=str(tmp_path / "results"), settings=["h", "u"], seeds=[0],
-                           steps={"h": 10, "u": 10}, eval_every={"h": 5, "u": 5}, trainer="cpu", batch_size=8)
+                           steps={"h": 10, "u": 10}, eval_every={"h": 5, "u": 5}, eval_limit=64, trainer="cpu",
+                           batch_size=8)
     text = aggregate(a, ["--steps", "10"], {"reference_val_ppl": "2.18"})
     h, u = text.split("## H:")[1].split("## U:")
     assert "no average (invalid under the validity gate)" in h and "Invalid under the validity gate" in h
