@@ -126,7 +126,7 @@ def aggregate(a: argparse.Namespace, argv: list[str], ref: dict[str, str]) -> st
     out.mkdir(parents=True, exist_ok=True)
     parts = [
         "# PRIOR vs NTP on a real pretrained LLM: SmolLM2-135M-Instruct\n",
-        f"Command: `python experiments/run_real_llm.py {shlex.join(argv)}`".rstrip() + "  ",
+        f"Command: `{' '.join(['python experiments/run_real_llm.py', shlex.join(argv)]).strip()}`  ",
         f"Hardware: {hardware(a.trainer)}.  ",
         f"Runs: batch {a.batch_size}, seeds {a.seeds}, evaluation on the test and test_counter splits of the real-LLM "
         f"corpus (`corpus=real_llm`, {a.eval_limit} images each); NTP and PRIOR at the recipe's learning rate (the same for both; "
