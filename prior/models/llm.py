@@ -24,6 +24,7 @@ that names the keys, not a shape mismatch deep inside transformers.
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -59,14 +60,16 @@ def llm_config(
     if name_or_path is not None:
         where = name_or_path if gguf_file is None else f"{name_or_path}/{gguf_file}"
         extra = {"gguf_file": gguf_file} if gguf_file else {}
-        own = AutoConfig.from_pretrained(name_or_path, **extra)
-        cfg, unused = AutoConfig.from_pretrained(name_or_path, return_unused_kwargs=True, **extra, **config)
-        unused = {k: v for k, v in unused.items() if k not in extra}
+        own = AutoConfig.from_pretrained(name_or_path, **extra)  # seconds for a GGUF file: read once
+        unused = [k for k in config if not hasattr(own, k)]
         if unused:
             raise ValueError(
                 f"llm.config keys {sorted(unused)} are not fields of {where!r}'s "
-                f"{type(cfg).__name__}: fix or remove them."
+                f"{type(own).__name__}: fix or remove them."
             )
+        cfg = copy.deepcopy(own)
+        for key, value in config.items():
+            setattr(cfg, key, value)
         if model_type is not None and cfg.model_type != model_type:
             raise ValueError(
                 f"llm.model_type is {model_type!r} but {where!r} is a {cfg.model_type!r} "
