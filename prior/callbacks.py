@@ -94,8 +94,9 @@ def _wandb(trainer: L.Trainer) -> Any | None:
 
 
 class WeightHistogram(L.Callback):
-    """Every ``every_n_steps``, a histogram of the PRIOR weights of the batch's loss tokens
-    (wandb and tensorboard loggers; the module exposes them as ``last_weights``)."""
+    """Every ``every_n_steps``, a histogram of the token weights the loss used on the batch's loss
+    tokens, before normalisation (wandb and tensorboard loggers; the module exposes them as
+    ``last_weights``)."""
 
     def __init__(self, every_n_steps: int = 50) -> None:
         self.every_n_steps = every_n_steps
@@ -119,7 +120,7 @@ class WeightHistogram(L.Callback):
 
 
 def weighted_caption_html(tokenizer: Any, ids: list[int], weights: list[float]) -> str:
-    """Caption tokens as HTML, each shaded by its PRIOR weight (darker = more weight)."""
+    """Caption tokens as HTML, each shaded by its weight in [0, 1] (darker = more weight)."""
     import html
 
     cells = [
@@ -131,7 +132,9 @@ def weighted_caption_html(tokenizer: Any, ids: list[int], weights: list[float]) 
 
 class SampleTable(L.Callback):
     """Every ``every_n_steps``, a wandb table of training images with their caption tokens shaded
-    by weight and the model's greedy caption (skipped without a wandb logger or images)."""
+    by the weight the loss gives them (``pl_module.token_weights``: the weighting scheme with its
+    knobs; weights above 1, as CAL's, are scaled to the largest) and the model's greedy caption
+    (skipped without a wandb logger or images)."""
 
     def __init__(self, every_n_steps: int = 200, num_samples: int = 8, max_new_tokens: int = 48) -> None:
         self.every_n_steps = every_n_steps
@@ -145,22 +148,27 @@ class SampleTable(L.Callback):
             return
         import wandb
 
+        table = wandb.Table(columns=["image", "caption (shaded by weight)", "generated"])
+        for image, shaded, generated in self.rows(pl_module, batch):
+            table.add_data(wandb.Image(image.permute(1, 2, 0).cpu().numpy()), wandb.Html(shaded), generated)
+        wb.experiment.log({"samples": table, "trainer/global_step": step})
+
+    def rows(self, pl_module: L.LightningModule, batch: dict[str, Any]) -> list[tuple[torch.Tensor, str, str]]:
+        """(image, caption HTML shaded by weight, greedy caption) for the first samples of a batch."""
         n = min(self.num_samples, batch["images"].shape[0])
-        images = batch["images"][:n]
-        mask = batch.get("image_mask")
+        head = {k: v[:n] if hasattr(v, "__getitem__") else v for k, v in batch.items()}
+        mask = head.get("image_mask")
         was_training = pl_module.model.training
         pl_module.model.eval()
-        generated = pl_module.model.generate(
-            images, max_new_tokens=self.max_new_tokens, image_mask=None if mask is None else mask[:n]
-        )
+        generated = pl_module.model.generate(head["images"], max_new_tokens=self.max_new_tokens, image_mask=mask)
+        raw = pl_module.token_weights(head)  # what the loss gives these tokens, before normalisation
         pl_module.model.train(was_training)
-        ref = pl_module.ref_logprobs({k: v[:n] if hasattr(v, "__getitem__") else v for k, v in batch.items()})
-        weights = (1 - ref.exp()).tolist() if ref is not None else None
+        weights = (raw / max(float(raw.max()), 1.0)).tolist() if raw is not None else None
         tok = pl_module.tokenizer
-        table = wandb.Table(columns=["image", "caption (shaded by weight)", "generated"])
+        rows = []
         for i in range(n):
-            length = int(batch["attention_mask"][i].sum())
-            ids = batch["input_ids"][i, 1:length].tolist()
-            shaded = weighted_caption_html(tok, ids, weights[i] if weights else [0.0] * len(ids))
-            table.add_data(wandb.Image(images[i].permute(1, 2, 0).cpu().numpy()), wandb.Html(shaded), tok.decode(generated[i]))
-        wb.experiment.log({"samples": table, "trainer/global_step": step})
+            length = int(head["attention_mask"][i].sum())
+            ids = head["input_ids"][i, 1:length].tolist()
+            shaded = weighted_caption_html(tok, ids, weights[i][: len(ids)] if weights else [0.0] * len(ids))
+            rows.append((head["images"][i], shaded, tok.decode(generated[i])))
+        return rows

@@ -12,6 +12,9 @@ only its distribution over tokens changes. With every ``w_i`` equal, L_PRIOR == 
 whose weights sum to 0 (or to a non-finite value) falls back to uniform weights. Weights come
 from a frozen model and never carry gradient.
 
+Other token-weighting schemes (:mod:`prior.weighting`: Rho-1, CAL, DPA, ...) supply their own
+raw weights to the same functions, some normalised over the batch instead of per caption.
+
 The batch loss (``reduction="mean"``) is the sum of the weighted token losses over all loss
 tokens of the batch divided by their number, i.e. the token mean, as ``F.cross_entropy`` does.
 
@@ -28,6 +31,7 @@ from torch.autograd.function import once_differentiable
 
 __all__ = [
     "CHUNK_BYTES",
+    "NORMALISATIONS",
     "effective_weights",
     "prior_loss",
     "token_cross_entropy",
@@ -38,6 +42,10 @@ __all__ = [
 CHUNK_BYTES = 64 * 2**20
 """Target size of one chunk of rows of logits in the compute dtype; the cross-entropy's extra
 working memory is a small multiple (about 3x) of it, plus the gradient of the logits."""
+
+
+NORMALISATIONS = ("caption", "batch")
+"""How :func:`effective_weights` normalises raw weights: per caption (PRIOR) or over the batch."""
 
 
 def token_weights(ref_logprobs: Tensor, alpha: float = 1.0) -> Tensor:
@@ -129,19 +137,25 @@ def token_cross_entropy(
     return ce.new_zeros(batch, length).index_put((rows, cols), ce)
 
 
-def effective_weights(weights: Tensor, loss_mask: Tensor) -> Tensor:
-    """Per-caption normalised weights ``k * w_i / sum_j w_j`` ``[B, T]`` in fp32, zero off the loss mask.
+def effective_weights(weights: Tensor, loss_mask: Tensor, normalise: str = "caption") -> Tensor:
+    """Normalised weights ``[B, T]`` in fp32, zero off the loss mask, without gradient.
 
-    Each row's effective weights average 1 over its loss tokens; a row whose weight sum is 0 or
-    not finite gets uniform weights (1). The result carries no gradient.
+    ``normalise="caption"`` (PRIOR): ``k * w_i / sum_j w_j`` over each row's ``k`` loss tokens,
+    so each row's effective weights average 1. ``normalise="batch"``: ``n * w_i / sum_j w_j``
+    over all ``n`` loss tokens of the batch, so the token mean of the weighted loss is
+    ``sum(w * ce) / sum(w)``. A group (row or batch) whose weight sum is 0 or not finite gets
+    uniform weights (1).
     """
     if weights.shape != loss_mask.shape:
         raise ValueError(
             f"weights {tuple(weights.shape)} and loss_mask {tuple(loss_mask.shape)} must have one shape [B, T]"
         )
+    if normalise not in NORMALISATIONS:
+        raise ValueError(f"normalise must be one of {NORMALISATIONS}, got {normalise!r}")
     w = torch.where(loss_mask, weights.detach().float(), 0.0)
-    total = w.sum(dim=1, keepdim=True)
-    count = loss_mask.sum(dim=1, keepdim=True).float()
+    dims = (0, 1) if normalise == "batch" else (1,)
+    total = w.sum(dim=dims, keepdim=True)
+    count = loss_mask.sum(dim=dims, keepdim=True).float()
     usable = torch.isfinite(total) & (total > 0)
     scaled = w * (count / torch.where(usable, total, 1.0))
     return torch.where(usable, scaled, loss_mask.float())
@@ -154,6 +168,7 @@ def prior_loss(
     loss_mask: Tensor,
     *,
     reduction: str = "mean",
+    normalise: str = "caption",
     chunk_bytes: int = CHUNK_BYTES,
 ) -> Tensor:
     """The PRIOR loss (plain NTP when ``weights`` is None) as an fp32 scalar.
@@ -162,13 +177,15 @@ def prior_loss(
         logits: ``[B, T, V]`` in any float dtype.
         targets: ``[B, T]`` token ids aligned with ``logits``; values off the loss mask are ignored.
         weights: ``[B, T]`` raw token weights (e.g. from :func:`token_weights`), or None for NTP.
-            Normalised per caption by :func:`effective_weights`; never differentiated.
+            Normalised by :func:`effective_weights` (per caption unless ``normalise="batch"``);
+            never differentiated.
         loss_mask: ``[B, T]`` bool, True at the positions that carry loss.
         reduction: ``"mean"``: the weighted sum divided by the number of loss tokens in the batch
             (the token mean, equal to ``F.cross_entropy`` when weights are None or all equal).
             ``"sum"``: the weighted sum alone. Use it under DDP or gradient accumulation and
             divide by the loss-token count summed over all ranks and accumulation steps: a mean
             of per-batch means is wrong when token counts differ.
+        normalise: ``"caption"`` (PRIOR) or ``"batch"``, see :func:`effective_weights`.
         chunk_bytes: size of the chunks of logits the cross-entropy works on (see ``CHUNK_BYTES``).
 
     A batch without loss tokens gives 0, still connected to the graph.
@@ -176,22 +193,23 @@ def prior_loss(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     ce = token_cross_entropy(logits, targets, loss_mask, chunk_bytes=chunk_bytes)
-    total = ce.sum() if weights is None else (ce * effective_weights(weights, loss_mask)).sum()
+    total = ce.sum() if weights is None else (ce * effective_weights(weights, loss_mask, normalise)).sum()
     if reduction == "sum":
         return total
     return total / loss_mask.sum().clamp(min=1)
 
 
-def weight_stats(weights: Tensor, loss_mask: Tensor) -> dict[str, Tensor]:
+def weight_stats(weights: Tensor, loss_mask: Tensor, normalise: str = "caption") -> dict[str, Tensor]:
     """Logging summary of a batch's token weights over its loss tokens (NaN without loss tokens).
 
     Keys: ``weight_mean`` and ``weight_std`` (population std) of the raw weights;
     ``ess_per_caption``: the effective number of tokens per caption, ``(sum w)^2 / sum w^2`` of
-    the effective weights the loss uses, averaged over captions with loss tokens;
+    the effective weights the loss uses (``normalise`` as in :func:`effective_weights`), averaged
+    over captions with loss tokens;
     ``ess_fraction``: the same divided by the caption's loss-token count (1 = uniform).
     """
     w = weights.detach().float()[loss_mask]
-    eff = effective_weights(weights, loss_mask)
+    eff = effective_weights(weights, loss_mask, normalise)
     count = loss_mask.sum(dim=1).float()
     has_tokens = count > 0
     ess = eff.sum(dim=1).square() / eff.square().sum(dim=1).clamp(min=torch.finfo(torch.float32).tiny)

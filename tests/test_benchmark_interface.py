@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
+from prior.cli.common import build_datamodule
 from prior.cli.eval import run_eval
 from prior.data.pipeline import SkipCounter
 from prior.eval.benchmarks import Benchmark, EvalItem, ItemStream
@@ -70,7 +71,7 @@ def test_toy_benchmark_through_periodic_eval(demo, tmp_path):
     callback = PeriodicEval(ToyBenchmark(), splits=["beta"], every_n_steps=2, limit=3, max_new_tokens=4)
     trainer = L.Trainer(max_steps=3, callbacks=[callback], logger=False, enable_checkpointing=False,
                         limit_val_batches=0, default_root_dir=tmp_path, enable_progress_bar=False)
-    trainer.fit(module, datamodule=instantiate(cfg.data))
+    trainer.fit(module, datamodule=build_datamodule(cfg))
     points = [json.loads(line) for line in (tmp_path / CURVE_FILE).read_text().splitlines()]
     assert [(p["step"], p["split"]) for p in points] == [(2, "beta"), (3, "beta")]
     assert all("choice_accuracy_color" in p and "nll_word" in p for p in points)

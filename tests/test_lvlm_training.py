@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -9,8 +10,10 @@ import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 import prior
+from prior.cli.common import build_datamodule
 from prior.cli.train_lvlm import train_lvlm
 from prior.modules.base import TokenLossModule
 from tests.conftest import TINY_LLM, compose_config
@@ -25,7 +28,7 @@ def lvlm_cfg(demo, *overrides: str, backbone: str = "encoder_free"):
 
 
 def first_batch(cfg):
-    dm = instantiate(cfg.data)
+    dm = build_datamodule(cfg)
     return dm, next(iter(dm.train_dataloader()))
 
 
@@ -65,18 +68,23 @@ def test_online_weights_equal_sidecar_weights(demo):
 
 
 def test_multirun_over_losses_and_backbones(demo):
+    """Every weighting scheme trains on both backbones from its config (one process, 14 runs)."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    losses = sorted(p.stem for p in (Path(prior.__file__).parents[1] / "conf" / "loss").glob("*.yaml"))
+    assert len(losses) == 7
     cmd = [
         sys.executable, "-m", "prior.cli.train_lvlm", "-m",
-        "loss=ntp,prior", "backbone=visual_encoder,encoder_free",
+        f"loss={','.join(losses)}", "backbone=visual_encoder,encoder_free",
         f"paths.root_dir={demo.root}", "trainer.max_steps=2", "trainer.val_check_interval=2",
         "checkpoint_every=2", *FAST,
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=demo.root)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("LVLM exported to") == 4
+    assert done.stdout.count("LVLM exported to") == 2 * len(losses)
     exports = sorted((demo.root / "logs" / "train_lvlm" / "multiruns").glob("*/*/export/prior_lvlm.json"))
-    assert len(exports) == 4
+    assert len(exports) == 2 * len(losses)
+    trained = {OmegaConf.load(e.parents[1] / ".hydra" / "config.yaml").loss.name for e in exports}
+    assert trained == set(losses)
 
 
 @pytest.mark.parametrize("experiment,tokens", [("paper_h_lvlm", 576), ("paper_u_lvlm", 16 * 17)])

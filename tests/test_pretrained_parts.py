@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import prior
 
+from prior.cli.common import build_datamodule
 from prior.cli.demo_data import generate_from_config
 from prior.cli.train_base import train_base
 from prior.cli.train_lvlm import train_lvlm
@@ -127,7 +128,7 @@ def test_demo_h_trains_only_the_projector_and_leaves_frozen_parts_bit_identical(
 
     from prior.cli.common import build_trainer
 
-    datamodule = instantiate(cfg.data)
+    datamodule = build_datamodule(cfg)
     build_trainer(cfg).fit(module, datamodule=datamodule)
     for name, before in frozen.items():
         after = _state(getattr(lvlm, name) if name == "llm" else lvlm.backbone.vision)

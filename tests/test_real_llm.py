@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from prior.cli.common import build_datamodule
 from prior.config import package_file, to_plain
 from prior.data.tokenization import encode_caption, fingerprint, load_tokenizer, special_ids
 from prior.models.llm import build_llm, pretrained_source
@@ -119,7 +120,7 @@ def test_h_lvlm_on_smollm2_trains_the_projector_only(chain, smollm2):
     module = instantiate(cfg.model, _recursive_=False)
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     assert all(torch.equal(before[f"llm.{n}"], p) for n, p in smollm2[2].named_parameters())
-    data = instantiate(cfg.data)
+    data = build_datamodule(cfg)
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, limit_val_batches=0)
     trainer.fit(module, datamodule=data)

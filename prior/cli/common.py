@@ -10,6 +10,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from prior.cli._hydra import CONF_DIR
+from prior.config import to_plain
+from prior.weighting import build_weighting
 from prior.loggers import finish_runs, remember_run_ids
 
 log = logging.getLogger(__name__)
@@ -42,10 +44,19 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     )
 
 
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    """The datamodule of ``cfg.data``; with a ``loss`` config (stage 3) its batches carry the
+    stage-2 weights exactly when the weighting scheme reads them from the sidecars."""
+    extra = {}
+    if cfg.get("loss") is not None:
+        extra["with_weights"] = build_weighting(to_plain(cfg.loss)).needs_sidecars
+    return instantiate(cfg.data, **extra)
+
+
 def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, L.LightningDataModule]:
     """Seed, build data, model and trainer from ``cfg`` and train (resuming from ``ckpt_path``)."""
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
+    datamodule = build_datamodule(cfg)
     model = instantiate(cfg.model, _recursive_=False)
     trainer = build_trainer(cfg)
     if trainer.is_global_zero:

@@ -175,7 +175,8 @@ class WeightJoiner:
             raise SidecarError(
                 f"No weight sidecar for shard {url} (expected {path}). Make it with `make weights` "
                 f"or `prior-weights shards={Path(url).parent}` (set `sidecar_dir` if the weights "
-                "live elsewhere), or train with `loss=ntp` or `loss=prior_online`."
+                "live elsewhere), or train with `loss=ntp`, or score each batch online with "
+                "`loss.reference=<reference LM folder>` (as `loss=prior_online` does)."
             )
         meta = read_meta(path)
         if meta.get("tokenizer_fingerprint") != self.fingerprint:

@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from prior.data.pipeline import SkipCounter, raw_samples
 from prior.data.sidecars import SidecarError, load_sidecar, sidecar_path
 from prior.data.shards import resolve_shards
 from prior.data.tokenization import encode_caption
+from prior.weighting import WeightInputs, Weighting
 
 def scored_samples(
     shards: Any, tokenizer: PreTrainedTokenizerBase, sidecar_dir: str | None, max_length: int, limit: int | None
@@ -52,6 +54,28 @@ def scored_samples(
 TokenLabels = Callable[[PreTrainedTokenizerBase, str, dict[str, Any], int], list[tuple[str, ...]]]
 
 
+def apply_weighting(
+    samples: list[dict[str, Any]], weighting: Weighting, tokenizer: PreTrainedTokenizerBase, token_labels: TokenLabels
+) -> list[dict[str, Any]]:
+    """Replace each sample's sidecar weights by the ones ``weighting`` gives its tokens (alpha,
+    floor and smoothing honoured). Only schemes that do not need the LVLM can be shown here."""
+    if weighting.needs_lvlm:
+        raise ValueError(
+            f"loss={weighting.name} weighs tokens by the LVLM's own predictions, which the weights report "
+            "does not have: it shows schemes computed from the reference LM or the json "
+            "(loss=prior, prior_online, oracle, with their knobs)."
+        )
+    for s in samples:
+        n = len(s["ids"])
+        inputs = WeightInputs(loss_mask=torch.ones(1, n, dtype=torch.bool))
+        inputs.ref_logprobs = torch.as_tensor(s["logprobs"], dtype=torch.float32)[None]
+        if "visual" in weighting.needs:
+            labels = token_labels(tokenizer, s["caption"], s["meta"], n)
+            inputs.visual = torch.tensor([["visual" in kinds for kinds in labels]], dtype=torch.bool)
+        s["weights"] = weighting.raw_weights(inputs)[0].numpy()
+    return samples
+
+
 def weights_by_kind(
     samples: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, token_labels: TokenLabels
 ) -> dict[str, dict[str, float]]:
@@ -66,8 +90,15 @@ def weights_by_kind(
     return {k: {"mean": float(np.mean(v)), "tokens": len(v)} for k, v in sums.items()}
 
 
-def render_html(samples: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, stats: dict[str, dict[str, float]], path: str | Path) -> Path:
-    """Write a page of captions with each token's background shaded by its weight."""
+def render_html(
+    samples: list[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    stats: dict[str, dict[str, float]],
+    path: str | Path,
+    formula: str = "w = 1 - P_ref(token | previous tokens)",
+) -> Path:
+    """Write a page of captions with each token's background shaded by its weight (``formula``
+    says which)."""
     rows = []
     for s in samples:
         cells = []
@@ -86,7 +117,7 @@ def render_html(samples: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBas
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}} span{{white-space:pre;padding:1px 0}}
 td,th{{padding:2px 10px;text-align:left}}</style>
 <h1>PRIOR token weights</h1>
-<p>w = 1 - P_ref(token | previous tokens). Darker = larger weight = the text alone does not predict it,
+<p>{html.escape(formula)}. Darker = larger weight = the text alone does not predict it,
 so the image has to. Hover a token for its weight and reference probability.</p>
 <table><tr><th>token kind</th><th>mean weight</th><th>tokens</th></tr>{table}</table>
 {''.join(rows)}"""

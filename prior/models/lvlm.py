@@ -127,6 +127,16 @@ class LVLM(nn.Module):
         logits = self._lm(embeds, mask, _positions(mask), keep)
         return LVLMOutput(logits=logits, targets=input_ids[:, 1:], loss_mask=attention_mask[:, 1:])
 
+    def text_only(self, input_ids: Tensor, attention_mask: Tensor) -> LVLMOutput:
+        """:meth:`forward` with the image hidden: the LM reads the caption alone (no image tokens),
+        which is what hiding every image token from attention computes, at a fraction of the cost."""
+        _check_captions(input_ids, attention_mask)
+        mask = attention_mask.bool()
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        keep = torch.arange(0, input_ids.shape[1] - 1, device=embeds.device)
+        logits = self._lm(embeds, mask, _positions(mask), keep)
+        return LVLMOutput(logits=logits, targets=input_ids[:, 1:], loss_mask=mask[:, 1:])
+
     @torch.no_grad()
     def generate(
         self,

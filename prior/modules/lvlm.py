@@ -1,11 +1,9 @@
-"""Stage 3: LVLM training with the PRIOR loss (weights from sidecars or online) or plain NTP.
+"""Stage 3: LVLM training with a token-weighted loss (``prior.weighting``) or plain NTP.
 
-The ``loss`` config picks the objective:
-
-- ``ntp``: every caption token weighs the same;
-- ``prior``: weights ``(1 - p_ref) ** alpha`` from the stage-2 sidecars (``batch["ref_logprobs"]``);
-- ``prior_online``: the frozen reference LM scores each batch inside the training step (no stage 2;
-  same weights as the sidecars, at the cost of one reference forward per step).
+The ``loss`` config picks the weighting scheme and its knobs (``loss=ntp|prior|prior_online|rho|
+cal|dpa|oracle``, see :mod:`prior.weighting`); this module provides what the scheme needs (the
+reference LM's log-probabilities from the sidecars or an online pass, the LVLM's own logits with
+the image hidden, the visual-word flags of the demo corpus) and applies the weights.
 
 Both the optimised loss and the plain NTP loss of every batch are logged (``train/loss``,
 ``train/ntp_loss``), so runs with different objectives compare on one chart, together with the
@@ -21,14 +19,13 @@ import torch
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM
 
-from prior.data.tokenization import fingerprint, load_tokenizer
-from prior.loss import effective_weights, token_cross_entropy, token_weights, weight_stats
-from prior.models.lvlm import apply_freezing, build_lvlm
 from prior.config import to_plain
+from prior.data.tokenization import fingerprint, load_tokenizer
+from prior.loss import token_cross_entropy, weight_stats
+from prior.models.lvlm import LVLMOutput, apply_freezing, build_lvlm
 from prior.modules.base import TokenLossModule
 from prior.modules.reference_lm import caption_logprobs
-
-LOSSES = ("ntp", "prior", "prior_online")
+from prior.weighting import WeightInputs, build_weighting
 
 
 class LVLMModule(TokenLossModule):
@@ -47,25 +44,24 @@ class LVLMModule(TokenLossModule):
         super().__init__()
         backbone, llm, loss, optimizer, scheduler = map(to_plain, (backbone, llm, loss, optimizer, scheduler))
         self.save_hyperparameters()  # plain containers, so checkpoints load with weights_only
-        if loss["name"] not in LOSSES:
-            raise ValueError(f"Unknown loss {loss['name']!r}: choose one of {LOSSES} (`loss=...`).")
-        self.loss_name: str = loss["name"]
-        self.alpha = float(loss.get("alpha", 1.0))
+        self.weighting = build_weighting(loss)
         self.tokenizer = load_tokenizer(tokenizer)
         self.model = build_lvlm(backbone, llm, self.tokenizer)
         self.group_counts = apply_freezing(self.model, list(backbone.get("train", ["vision", "projector", "llm"])))
         # Frozen parts are rebuilt from their config or pretrained weights when loading.
         self.strict_loading = save_frozen
         self._reference: list[torch.nn.Module] = []  # kept out of the state dict and optimizer
-        if self.loss_name == "prior_online":
-            self._reference.append(self._load_reference(loss.get("reference")))
+        if self.weighting.reference is not None:
+            self._reference.append(self._load_reference(self.weighting.reference))
         self.last_weights: torch.Tensor | None = None  # for the weight histogram callback
         self.val_ntp = MeanMetric()
         self.val_prior = MeanMetric()
 
-    def _load_reference(self, path: str | None) -> torch.nn.Module:
-        if not path:
-            raise ValueError("loss=prior_online needs `loss.reference`: the reference LM folder from stage 1.")
+    @property
+    def loss_name(self) -> str:
+        return self.weighting.name
+
+    def _load_reference(self, path: str) -> torch.nn.Module:
         ref_tok = load_tokenizer(path)
         if fingerprint(ref_tok) != fingerprint(self.tokenizer):
             raise ValueError(
@@ -76,13 +72,15 @@ class LVLMModule(TokenLossModule):
 
     # ------------------------------------------------------------------ weights and loss
 
-    def ref_logprobs(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        """Reference log-probs of the caption tokens, [B, L-1], or None for NTP."""
-        if self.loss_name == "ntp":
-            return None
-        if self.loss_name == "prior":
+    def ref_logprobs(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Reference log-probs of the caption tokens, [B, L-1]: the sidecars' or an online pass."""
+        if not self._reference:
             if "ref_logprobs" not in batch:
-                raise ValueError("loss=prior needs weights in the batch: the data config needs `with_weights: true`.")
+                raise ValueError(
+                    f"loss={self.loss_name} needs the stage-2 weights in the batch, and the data has none: "
+                    "run `make weights` (prior-weights) for these shards, or set `loss.reference` to the "
+                    "reference LM folder to score each batch online."
+                )
             return batch["ref_logprobs"]
         reference = self._reference[0]
         if next(reference.parameters()).device != self.device:
@@ -90,18 +88,61 @@ class LVLMModule(TokenLossModule):
         with torch.no_grad():
             return caption_logprobs(reference, batch["input_ids"], batch["attention_mask"])
 
+    def weight_inputs(self, batch: dict[str, Any], out: LVLMOutput, ce: torch.Tensor) -> WeightInputs:
+        """What the scheme needs for this batch (see :class:`prior.weighting.WeightInputs`)."""
+        needs = self.weighting.needs
+        mask = out.loss_mask
+        inputs = WeightInputs(loss_mask=mask, ce=ce.detach())
+        if "model" in needs:
+            inputs.target_logits = _target_logits(out.logits.detach(), out.targets, mask)
+        if "reference" in needs:
+            inputs.ref_logprobs = self.ref_logprobs(batch)
+        if "text_only" in needs:
+            with torch.no_grad():
+                text = self.model.text_only(batch["input_ids"], batch["attention_mask"])
+            inputs.text_target_logits = _target_logits(text.logits, text.targets, mask)
+        if "visual" in needs:
+            inputs.visual = self._visual_flags(batch, mask)
+        return inputs
+
+    def _visual_flags(self, batch: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
+        """True on the caption tokens that the samples' json marks as visual words (demo corpus)."""
+        from prior.demo.token_kinds import token_labels
+
+        if "meta" not in batch or "captions" not in batch:
+            raise ValueError("loss=oracle needs each batch's captions and json (`meta`): use the demo corpus.")
+        flags = torch.zeros(mask.shape, dtype=torch.bool)
+        for i, (caption, meta) in enumerate(zip(batch["captions"], batch["meta"], strict=True)):
+            if not meta.get("spans"):
+                raise ValueError(
+                    f"loss=oracle needs the word spans of the demo corpus's json; sample {batch['keys'][i]} has none."
+                )
+            n = int(mask[i].sum())
+            labels = token_labels(self.tokenizer, caption, meta, n)
+            flags[i, :n] = torch.tensor(["visual" in kinds for kinds in labels], dtype=torch.bool)
+        return flags.to(mask.device)
+
+    def token_weights(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """The raw weights ``[B, L-1]`` the loss gives this batch's caption tokens (None for NTP),
+        computed without gradient as in a training step: what the sample table shows."""
+        if self.loss_name == "ntp":
+            return None
+        with torch.no_grad():
+            out = self.model(batch["images"], batch["input_ids"], batch["attention_mask"], batch.get("image_mask"))
+            ce = token_cross_entropy(out.logits, out.targets, out.loss_mask)
+            return self.weighting.raw_weights(self.weight_inputs(batch, out, ce))
+
     def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = self.model(batch["images"], batch["input_ids"], batch["attention_mask"], batch.get("image_mask"))
         ce = token_cross_entropy(out.logits, out.targets, out.loss_mask)
         tokens = out.loss_mask.sum()
         result = {"ntp_sum": ce.sum(), "tokens": tokens, "mask": out.loss_mask}
-        ref = self.ref_logprobs(batch)
-        if ref is None:
+        if self.loss_name == "ntp":
             result["objective_sum"] = result["ntp_sum"]
         else:
-            w = token_weights(ref, self.alpha)
+            w = self.weighting.raw_weights(self.weight_inputs(batch, out, ce))
             result["weights"] = w
-            result["objective_sum"] = (effective_weights(w, out.loss_mask) * ce).sum()
+            result["objective_sum"] = (self.weighting.effective(w, out.loss_mask) * ce).sum()
         return result
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -112,7 +153,7 @@ class LVLMModule(TokenLossModule):
         self.log("train/ntp_loss", r["ntp_sum"].detach() / n, batch_size=bs)
         if "weights" in r:
             self.last_weights = r["weights"][r["mask"]].detach()
-            for name, value in weight_stats(r["weights"], r["mask"]).items():
+            for name, value in weight_stats(r["weights"], r["mask"], self.weighting.normalise).items():
                 self.log(f"weights/{name}", value, batch_size=bs)
         return self.token_sum_objective(r["objective_sum"], r["tokens"])
 
@@ -145,3 +186,9 @@ class LVLMModule(TokenLossModule):
         folder = Path(folder)
         self.model.save_pretrained(folder, self.tokenizer)
         return folder
+
+
+def _target_logits(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each position's logit of its target token ``[B, T]`` in fp32, 0 off the mask."""
+    safe = torch.where(mask, targets, 0)
+    return torch.where(mask, logits.gather(-1, safe[..., None]).squeeze(-1).float(), 0.0)
