@@ -8,7 +8,8 @@
    weight floor, Rho-1, CAL, DPA, the oracle), a learning-rate sweep on seed 0 over ``--lrs``;
    each scheme's rate is the one with the best final value of the protocol's selection metric
    on val. With one rate per setting there is no sweep.
-3. Every seed (``--seeds``) at each scheme's own rate.
+3. Every seed (``--seeds``) at each scheme's own rate, unless NTP fails the protocol's validity
+   gate on seed 0 (it does not read the image): that setting then gets no more runs.
 4. ``experiments/aggregate_weighting.py`` writes the table and plot into ``--results``.
 
 Runs live in ``<runs>/<setting>/<scheme>_lr<lr>_s<seed>``; a finished run is not run again, so
@@ -101,8 +102,17 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {s} {k}: {metric} by lr {scores} -> {selected[f'{s}/{k}']}", flush=True)
 
     print("== seeds at each scheme's own rate", flush=True)
-    train({f"{s}/{k}_lr{selected[f'{s}/{k}']}_s{seed}": job(s, k, selected[f"{s}/{k}"], seed)
-           for s in a.settings for k in schemes for seed in a.seeds})
+    jobs = {}
+    for s in a.settings:
+        if "ntp" in schemes:  # NTP must read the image on seed 0, or the setting gets no more runs
+            ok, value = protocol.passes_gate([load_curve(runs / s / f"ntp_lr{selected[f'{s}/ntp']}_s0")])
+            if not ok:
+                print(f"  {s}: NTP fails the validity gate on seed 0 ({protocol.gate['metric']} {value:.3f} < "
+                      f"{protocol.gate['min']}): no more seeds", flush=True)
+                continue
+        jobs.update({f"{s}/{k}_lr{selected[f'{s}/{k}']}_s{seed}": job(s, k, selected[f"{s}/{k}"], seed)
+                     for k in schemes for seed in a.seeds})
+    train(jobs)
 
     Path(runs, "selection.json").write_text(json.dumps({"selected_lr": selected, "swept": a.lrs}, indent=2))
     print(f"== aggregate ({(time.time() - start) / 60:.0f} min so far)", flush=True)

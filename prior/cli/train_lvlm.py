@@ -1,4 +1,4 @@
-"""`prior-train-lvlm`: stage 3, train the LVLM with the PRIOR loss or plain NTP.
+"""`prior-train-lvlm`: stage 3, train the LVLM with a token-weighted loss (`prior.weighting`) or plain NTP.
 
 Trains ``model`` (an LVLMModule: ``backbone`` + ``llm`` + ``loss``) on ``data`` and exports the
 final LVLM to ``export_dir`` for ``prior.load`` and ``prior-eval``.
