@@ -1,7 +1,7 @@
 """Every token-weighting scheme against NTP in the paper's settings, with the pre-registered protocol.
 
     python experiments/run_weighting.py                                  # U and H, full protocol
-    python experiments/run_weighting.py --settings u --lrs u=1e-3 --seeds 0,1,2
+    python experiments/run_weighting.py --settings u --lrs "u=1e-3" --seeds 0,1,2
 
 1. The pre-trained parts (as ``run_paper_regimes.py``; each skipped when its output exists).
 2. Per setting and scheme (``SCHEMES``: NTP, PRIOR, PRIOR normalised per batch, PRIOR with a
@@ -42,7 +42,7 @@ SCHEMES: dict[str, list[str]] = {
     "dpa": ["loss=dpa"],
     "oracle": ["loss=oracle"],
 }
-LRS = {"h": "3e-3,1e-2", "u": "3e-4,1e-3"}  # the upper two of run_paper_regimes' sweeps
+LRS = {"h": "3e-3,1e-2", "u": "1e-3,3e-3"}  # where run_paper_regimes chose, and the next rate up
 
 
 def parse_lrs(text: str) -> dict[str, list[str]]:
