@@ -31,7 +31,15 @@ sys.path.insert(0, str(ROOT))
 
 from experiments.aggregate_regimes import TITLES, copy_runs, finished  # noqa: E402
 from experiments.run_weighting import SCHEMES  # noqa: E402
-from prior.eval.compare import CURVE_FILE, Curve, Protocol, plot_curves, protocol_report, summarize  # noqa: E402
+from prior.eval.compare import (  # noqa: E402
+    CURVE_FILE,
+    Curve,
+    Protocol,
+    _seed_spread,
+    plot_curves,
+    protocol_report,
+    summarize,
+)
 
 NAME = re.compile(r"(?P<scheme>[a-z0-9_.]+?)_lr(?P<lr>[0-9.e-]+)_s(?P<seed>\d+)$")
 #: What the table shows besides the averages (final value, mean over seeds).
@@ -107,7 +115,9 @@ def section(setting: str, runs: dict, selected: dict[str, str], protocol: Protoc
             focus.append("n/a" if not s.seeds else f"{s.final[0]:.3f} ± {s.final[1]:.3f}")
         cost = "1.00x" if scheme == "ntp" else throughput_ratio(runs_dir, setting, scheme, lr, selected[f"{setting}/ntp"], seeds)
         avgs = ["—"] * 3 if scheme == "ntp" else [
-            _pct(avg.get("likelihood_final")), _pct(avg.get("likelihood_auc")), _pct(avg.get("generation_final"))]
+            _pct(avg.get("likelihood_final")) + _seed_spread(ntp, curves, protocol.likelihood, "final"),
+            _pct(avg.get("likelihood_auc")) + _seed_spread(ntp, curves, protocol.likelihood, "auc"),
+            _pct(avg.get("generation_final")) + _seed_spread(ntp, curves, protocol.generation, "final")]
         rows.append(f"| {scheme} | {lr} | {len(curves)} | " + " | ".join([*avgs, *focus, cost]) + " |")
     plot = plot_curves(group, [m for m, _ in FOCUS] + ["test/choice_accuracy", "val/choice_accuracy"],
                        out / f"curves_{setting}.png", title=f"setting {setting.upper()}: each scheme at its own rate")
@@ -160,7 +170,8 @@ run: {args.steps} steps of batch {cfg.data.batch_size}, evaluated every {ev.ever
 {ev.limit} images of {', '.join(f'`{s}`' for s in ev.splits)}. Rates swept on seed 0 ({swept}); each
 scheme at the rate its seed-0 run chose on `val/choice_accuracy`. *Averages* are the scheme's mean relative
 change over NTP on the pre-registered metrics (positive = better than NTP; a lower-is-better rate
-compares as 1 - rate); the other columns are final values, mean ± std over seeds. *Step time vs NTP*
+compares as 1 - rate), ± the std of that average computed seed by seed; the other columns are
+final values, mean ± std over seeds. *Step time vs NTP*
 is NTP's median logged training throughput over the scheme's, in the same sweep (runs side by side,
 evaluation excluded; `experiments/bench_weighting.py` measures it in isolation).
 
