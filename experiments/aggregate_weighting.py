@@ -36,6 +36,7 @@ from prior.eval.compare import (  # noqa: E402
     Curve,
     Protocol,
     _seed_spread,
+    load_curve,
     plot_curves,
     protocol_report,
     summarize,
@@ -54,8 +55,6 @@ FOCUS = [
 
 def find_runs(root: Path, steps: int) -> dict[str, dict[tuple[str, str], dict[int, Curve]]]:
     """setting -> (scheme, lr) -> seed -> curve, for the finished runs."""
-    from prior.eval.compare import load_curve
-
     runs: dict[str, dict[tuple[str, str], dict[int, Curve]]] = defaultdict(lambda: defaultdict(dict))
     for path in sorted(root.glob(f"*/*/{CURVE_FILE}")):
         match = NAME.match(path.parent.name)

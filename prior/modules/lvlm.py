@@ -93,11 +93,10 @@ class LVLMModule(TokenLossModule):
         needs = self.weighting.needs
         mask = out.loss_mask
         inputs = WeightInputs(loss_mask=mask, ce=ce.detach())
-        if "model" in needs:
-            inputs.target_logits = _target_logits(out.logits.detach(), out.targets, mask)
         if "reference" in needs:
             inputs.ref_logprobs = self.ref_logprobs(batch)
-        if "text_only" in needs:
+        if "text_only" in needs:  # the image's gain on the target logit (CAL)
+            inputs.target_logits = _target_logits(out.logits.detach(), out.targets, mask)
             with torch.no_grad():
                 text = self.model.text_only(batch["input_ids"], batch["attention_mask"])
             inputs.text_target_logits = _target_logits(text.logits, text.targets, mask)
