@@ -52,10 +52,10 @@ from prior.loss import NORMALISATIONS, effective_weights, token_weights
 __all__ = ["NEEDS", "SCHEMES", "WeightInputs", "Weighting", "build_weighting", "smooth_weights"]
 
 NEEDS = ("model", "reference", "text_only", "visual")
-"""What a scheme may need: ``model`` (the LVLM's own cross-entropy and target logits, with the
-image), ``reference`` (the text-only reference LM's log-probabilities of the caption tokens),
-``text_only`` (the LVLM's target logits with the image hidden) and ``visual`` (ground-truth
-visual-word flags from the samples' json). Schemes that need neither ``model`` nor
+"""What a scheme may need: ``model`` (the LVLM's own cross-entropy, with the image),
+``reference`` (the text-only reference LM's log-probabilities of the caption tokens),
+``text_only`` (the LVLM's target logits with the image and with it hidden) and ``visual``
+(ground-truth visual-word flags from the samples' json). Schemes that need neither ``model`` nor
 ``text_only`` can be computed without the LVLM (``Weighting.needs_lvlm``), e.g. by the
 weights report."""
 
