@@ -114,7 +114,12 @@ def main(argv: list[str] | None = None) -> None:
                      for k in schemes for seed in a.seeds})
     train(jobs)
 
-    Path(runs, "selection.json").write_text(json.dumps({"selected_lr": selected, "swept": a.lrs}, indent=2))
+    # Merge with the settings that earlier invocations chose (``--settings h`` after ``--settings u``).
+    record = runs / "selection.json"
+    previous = json.loads(record.read_text()) if record.exists() else {}
+    record.write_text(json.dumps({"selected_lr": {**previous.get("selected_lr", {}), **selected},
+                                  "swept": {**previous.get("swept", {}), **{s: a.lrs[s] for s in a.settings}}},
+                                 indent=2))
     print(f"== aggregate ({(time.time() - start) / 60:.0f} min so far)", flush=True)
     sh([py, str(ROOT / "experiments" / "aggregate_weighting.py"), a.runs, "--out", a.results, "--machine", a.machine,
         "--steps", str(a.steps)], runs / "aggregate.log", env)
