@@ -1,7 +1,11 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +22,7 @@ from prior.data.sidecars import (
     is_complete,
     load_sidecar,
     read_meta,
+    shard_identity,
     sidecar_path,
 )
 from prior.data.tokenization import encode_caption, fingerprint, load_tokenizer
@@ -61,11 +66,13 @@ def test_sidecars_hold_every_sample_with_the_stage_contract(demo):
         sidecar = load_sidecar(sidecar_path(url))
         assert sidecar.meta["tokenizer_fingerprint"] == fingerprint(tok)
         assert sidecar.meta["reference_path"] == str(demo.reference)
+        assert sidecar.meta["max_length"] == 256 and sidecar.meta["shard_name"] == Path(url).name
+        assert sidecar.meta["shard_bytes"] == Path(url).stat().st_size
         samples = list(wds.WebDataset(url, shardshuffle=False))
         assert sorted(sidecar.keys) == sorted(s["__key__"] for s in samples)
         for s in samples[:5]:
             ids, logp, w = sidecar.get(s["__key__"])
-            assert ids.tolist() == encode_caption(tok, s["txt"].decode(), 80)[1:]
+            assert ids.tolist() == encode_caption(tok, s["txt"].decode(), sidecar.meta["max_length"])[1:]
             assert np.all(logp <= 0) and np.allclose(w, token_weights(torch.from_numpy(logp)).numpy())
 
 
@@ -79,9 +86,11 @@ def test_rerun_skips_finished_shards(demo, capsys):
     assert "0 scored now" in capsys.readouterr().out
 
 
-def _sidecar(keys=("a", "b")) -> Sidecar:
-    records = [(k, [5, 6, 2], np.log([0.5, 0.9, 0.99]), 1 - np.array([0.5, 0.9, 0.99])) for k in keys]
-    return Sidecar.build(records, {"tokenizer_fingerprint": "fp-A", "reference": "ref-1"})
+def _sidecar(keys=("a", "b"), shard=None, max_length=8, logp=(0.5, 0.9, 0.99)) -> Sidecar:
+    records = [(k, [5, 6, 2], np.log(logp), 1 - np.array(logp)) for k in keys]
+    identity = shard_identity(str(shard)) if shard is not None else {}
+    return Sidecar.build(records, {"tokenizer_fingerprint": "fp-A", "reference": "ref-1",
+                                   "max_length": max_length, **identity})
 
 
 def test_sidecar_round_trip_and_killed_write(tmp_path):
@@ -108,7 +117,7 @@ def test_joiner_errors_name_fingerprints_keys_and_the_command(tmp_path):
     joiner = WeightJoiner("fp-B")
     with pytest.raises(SidecarError, match=r"prior-weights shards=.*loss=ntp"):
         joiner(str(shard), "a", [1, 5, 6, 2])
-    _sidecar().save(sidecar_path(str(shard)))
+    _sidecar(shard=shard).save(sidecar_path(str(shard)))
     with pytest.raises(SidecarError, match=r"fp-A.*fp-B.*first key a"):
         joiner(str(shard), "a", [1, 5, 6, 2])
     ok = WeightJoiner("fp-A")
@@ -118,3 +127,69 @@ def test_joiner_errors_name_fingerprints_keys_and_the_command(tmp_path):
         ok(str(shard), "a", [1, 5, 7, 2])
     with pytest.raises(SidecarError, match="no entry"):
         ok(str(shard), "zz", [1, 5, 6, 2])
+
+
+def test_sidecars_of_same_named_shards_in_one_folder_do_not_collide(demo, tmp_path, capsys):
+    """val/00000.tar and test/00000.tar in one sidecar_dir: one sidecar each, each of its shard."""
+    shards = [str(demo.data / "val"), str(demo.data / "test")]
+    cfg = compose_config("weights", demo.root, ["num_workers=0", f"sidecar_dir={tmp_path}", f"shards={shards}"])
+    summary = compute_weights(cfg)
+    urls = resolve_shards(shards).urls
+    assert summary["shards_scored_now"] == len(urls) == 4
+    assert len(set(sidecar_path(u, str(tmp_path)) for u in urls)) == 4 and len(list(tmp_path.glob("*.npz"))) == 4
+    for url in urls:
+        sidecar = load_sidecar(sidecar_path(url, str(tmp_path)))
+        assert sorted(sidecar.keys) == sorted(s["__key__"] for s in wds.WebDataset(url, shardshuffle=False))
+    # the "done" check tells them apart: a re-run scores nothing
+    assert compute_weights(cfg)["shards_scored_now"] == 0
+
+
+def test_done_check_and_joiner_read_max_length_and_shard_identity(tmp_path):
+    shard = tmp_path / "00000.tar"
+    shard.write_bytes(b"x" * 1024)
+    path = sidecar_path(str(shard))
+    _sidecar(shard=shard, max_length=80).save(path)
+    assert is_complete(path, "fp-A", "ref-1", shard_url=str(shard), max_length=80)
+    assert is_complete(path, "fp-A", "ref-1", shard_url=str(shard), max_length=64)  # a longer scoring serves
+    assert not is_complete(path, "fp-A", "ref-1", shard_url=str(shard), max_length=128)
+    # before any caption is read, a run with longer captions is told what to re-run
+    with pytest.raises(SidecarError, match=r"max_length=80.*prior-weights max_length=128"):
+        WeightJoiner("fp-A", max_length=128).check(str(shard))
+    WeightJoiner("fp-A", max_length=80).check(str(shard))
+    # another shard's sidecar (same stem elsewhere, copied) or a changed shard is not accepted
+    other = tmp_path / "val" / "00000.tar"
+    other.parent.mkdir()
+    other.write_bytes(b"y" * 2048)
+    sidecar_path(str(other)).write_bytes(path.read_bytes())
+    assert not is_complete(sidecar_path(str(other)), "fp-A", "ref-1", shard_url=str(other))
+    with pytest.raises(SidecarError, match="2048 bytes now and was 1024"):
+        WeightJoiner("fp-A").check(str(other))
+    # legacy sidecars without the identity or max_length are rescored
+    _sidecar(max_length=None).save(path)
+    assert not is_complete(path, "fp-A", "ref-1", shard_url=str(shard))
+    assert not is_complete(path, "fp-A", "ref-1", max_length=8)
+
+
+def test_nan_in_a_sidecar_is_an_error_not_a_fallback(tmp_path):
+    shard = tmp_path / "00000.tar"
+    shard.write_bytes(b"x" * 10)
+    _sidecar(keys=("a", "b"), shard=shard, logp=(0.5, float("nan"), 0.99)).save(sidecar_path(str(shard)))
+    with pytest.raises(SidecarError, match=r"invalid log-probabilities.*sample a.*re-run `prior-weights`"):
+        WeightJoiner("fp-A")(str(shard), "b", [1, 5, 6, 2])
+
+
+def test_stage2_on_two_ranks_scores_every_shard_exactly_once(demo, tmp_path):
+    """prior-weights under trainer=ddp_cpu (2 gloo processes x 2 workers) over 4 shards."""
+    shards = [str(demo.data / "val"), str(demo.data / "test")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "prior.cli.weights", "trainer=ddp_cpu", "num_workers=2",
+           f"paths.root_dir={demo.root}", f"hydra.run.dir={tmp_path}/run", f"sidecar_dir={tmp_path}/sc",
+           f"shards=[{','.join(shards)}]"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    urls = resolve_shards(shards).urls
+    scored = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("scored ")]
+    assert sorted(scored) == sorted(urls)  # each shard once, none twice
+    ranks = {read_meta(sidecar_path(u, f"{tmp_path}/sc"))["rank"] for u in urls}
+    assert ranks == {0, 1}
+    assert "Weights: 4 shards (4 scored now" in done.stdout

@@ -10,7 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from prior.callbacks import SkipReport
 from prior.cli._hydra import CONF_DIR
-from prior.modules.weight_scorer import ScoringData, SidecarWriter, WeightScorer, reference_id, summarize
+from prior.data.scoring import ScoringData
+from prior.models.reference import reference_id
+from prior.modules.weight_scorer import SidecarWriter, WeightScorer, summarize
 
 
 def compute_weights(cfg: DictConfig) -> dict[str, float]:
@@ -27,12 +29,16 @@ def compute_weights(cfg: DictConfig) -> dict[str, float]:
     )
     start = time.time()
     if data.todo:
-        writer = SidecarWriter(data.fingerprint, ref, str(cfg.reference), cfg.sidecar_dir)
+        writer = SidecarWriter(data.fingerprint, ref, str(cfg.reference), cfg.sidecar_dir, cfg.max_length)
         trainer = instantiate(cfg.trainer, callbacks=[writer, SkipReport()])
         model = WeightScorer(cfg.reference, cfg.micro_batch_size, cfg.dtype)
         trainer.predict(model, datamodule=data, return_predictions=False)
+        trainer.strategy.barrier("prior-weights")  # every rank's sidecars are written
         if not trainer.is_global_zero:
             return {}
+        missing = [u for u in data.todo if not data.done(u)]
+        if missing:
+            raise RuntimeError(f"{len(missing)} shard(s) were not scored (first: {missing[0]}); see the log above.")
     summary = summarize(data.all_urls, cfg.sidecar_dir, since=start, seconds=time.time() - start)
     print(
         f"Weights: {summary['shards']} shards ({summary['shards_scored_now']} scored now, "

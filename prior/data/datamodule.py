@@ -176,7 +176,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         """The sample decoder of a split; joins train/val weights (checking every sidecar first)."""
         joiner = None
         if self.with_weights and split in ("train", "val"):
-            joiner = WeightJoiner(self.fingerprint, self.sidecar_dir)
+            joiner = WeightJoiner(self.fingerprint, self.sidecar_dir, self.max_length)
             for url in shards.urls:
                 joiner.check(url)
         return SampleDecoder(
@@ -189,8 +189,12 @@ class ImageCaptionDataModule(L.LightningDataModule):
         )
 
     def _world_size(self) -> int:
+        return self._ranks()[1]
+
+    def _ranks(self) -> tuple[int, int]:
+        """(rank, world size) of this process, from the trainer (or (0, 1) without one)."""
         trainer = getattr(self, "trainer", None)
-        return trainer.world_size if trainer is not None else 1
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     # ------------------------------------------------------------------ loaders
 
@@ -219,6 +223,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             samples_per_reader=per_reader_batches * self.batch_size,
         )
+        dataset.ranks = self._ranks()
         loader = EpochLoader(
             dataset,
             batches_per_epoch=per_reader_batches * max(self.num_workers, 1),
@@ -235,6 +240,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         world = self._world_size()
         check_shard_count(len(shards), world, 1, f"The {split} split")
         dataset = ShardStream(shards.urls, self.decoder(shards, split), mode="once")
+        dataset.ranks = self._ranks()
         # Read-once splits need no equal streams: use no more workers than a rank has shards.
         workers = min(self.num_workers, len(shards) // world)
         return DataLoader(dataset, **{**self._loader_kwargs(self.eval_batch_size), "num_workers": workers})

@@ -169,10 +169,14 @@ class SampleDecoder:
 # --------------------------------------------------------------------------- streams
 
 
-def reader_slot() -> tuple[int, int]:
-    """(index, count) of this reader among all ranks x DataLoader workers."""
-    rank, world = 0, 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+def reader_slot(ranks: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(index, count) of this reader among all ranks x DataLoader workers.
+
+    ``ranks`` is (rank, world size) as the main process saw it when it built the loader: inside a
+    DataLoader worker the process group may not be visible (a spawned worker has none), so the
+    datasets record it instead of asking there. Without it, the process group is asked."""
+    rank, world = ranks or (0, 1)
+    if ranks is None and torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     info = get_worker_info()
     worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
@@ -237,9 +241,11 @@ class ShardStream(IterableDataset):
         self.epoch = 0
         # Samples each reader skips at the start of the epoch (set by EpochLoader on resume).
         self.skip_samples = 0
+        # (rank, world size), set by the datamodule in the main process (see ``reader_slot``).
+        self.ranks: tuple[int, int] | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        slot, slots = reader_slot()
+        slot, slots = reader_slot(self.ranks)
         check_shard_count(len(self.urls), slots, 1, "This shard set")
         if self.mode == "once":
             yield from self._decoded(self.urls[slot::slots])

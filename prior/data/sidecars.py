@@ -1,15 +1,20 @@
 """Per-shard weight sidecars: what stage 2 writes and stage 3 reads.
 
-A sidecar ``<shard stem>.prior.npz`` (beside the shard, or in a configured folder) holds, for every
-sample key it scored: the token ids it scored (the caption ids after BOS), the reference LM's
-log-probabilities of those tokens and the weights ``1 - p`` (alpha = 1; stage 3 applies its own
-alpha to the log-probabilities). Its ``meta`` records the tokenizer fingerprint, the caption
-template, the reference LM and the shard. Writes are atomic (temp file + rename), so a killed
-write leaves no file that would be accepted.
+A sidecar holds, for every sample key of one shard it scored: the token ids it scored (the
+caption ids after BOS), the reference LM's log-probabilities of those tokens and the weights
+``1 - p`` (alpha = 1; stage 3 applies its own scheme to the log-probabilities). It lives beside
+its shard as ``<stem>.prior.npz`` (a stem is unique within its folder), or in a configured
+``sidecar_dir`` as ``<stem>.<shard id>.prior.npz``, where the id is a hash of the shard's full
+path or URL, so ``train/00000.tar`` and ``val/00000.tar`` never share a file. Its ``meta``
+records the tokenizer fingerprint, the caption template, the reference LM, ``max_length`` and
+the shard's identity (name and size); ``is_complete`` checks all of them, so a re-run rescores
+exactly the shards whose sidecar would not serve. Writes are atomic (temp file + rename), so a
+killed write leaves no file that would be accepted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -27,8 +32,21 @@ class SidecarError(RuntimeError):
     """A sidecar is missing, unreadable or does not match the data it is joined to."""
 
 
+def canonical_url(shard_url: str) -> str:
+    """A shard's identity as a string: the absolute path of a local shard, a URL as given."""
+    return shard_url if "://" in shard_url else str(Path(shard_url).resolve())
+
+
+def shard_identity(shard_url: str) -> dict[str, Any]:
+    """What a sidecar records about its shard: the name and (for a local shard) its size."""
+    name = Path(shard_url.split("://")[-1]).name
+    local = "://" not in shard_url and Path(shard_url).exists()
+    return {"shard_name": name, "shard_bytes": Path(shard_url).stat().st_size if local else None}
+
+
 def sidecar_path(shard_url: str, sidecar_dir: str | None = None) -> Path:
-    """Where the sidecar of a shard lives: beside it, or in ``sidecar_dir`` for remote shards."""
+    """Where the sidecar of a shard lives: beside it, or in ``sidecar_dir`` (needed for remote
+    shards) under a name made unique by a hash of the shard's full path or URL."""
     name = Path(shard_url.split("://")[-1]).name
     stem = name[: -len(".tar")] if name.endswith(".tar") else name
     if sidecar_dir is None:
@@ -37,7 +55,8 @@ def sidecar_path(shard_url: str, sidecar_dir: str | None = None) -> Path:
                 f"Shard {shard_url} is remote: set `sidecar_dir` to a local folder for its weights."
             )
         return Path(shard_url).with_name(stem + SUFFIX)
-    return Path(sidecar_dir) / (stem + SUFFIX)
+    shard_id = hashlib.sha256(canonical_url(shard_url).encode()).hexdigest()[:12]
+    return Path(sidecar_dir) / f"{stem}.{shard_id}{SUFFIX}"
 
 
 @dataclass
@@ -146,13 +165,45 @@ def load_sidecar(path: str | Path) -> Sidecar:
     return sidecar
 
 
-def is_complete(path: str | Path, fingerprint: str, reference: str) -> bool:
-    """Whether a valid sidecar for this tokenizer and reference LM already exists (re-runs skip it)."""
+def is_complete(path: str | Path, fingerprint: str, reference: str, *, shard_url: str | None = None,
+                max_length: int | None = None) -> bool:
+    """Whether a valid sidecar for this tokenizer and reference LM already exists (re-runs skip it):
+    with ``shard_url``, made from that shard as it is now; with ``max_length``, scored at least
+    that long."""
     try:
         meta = read_meta(path)
     except (FileNotFoundError, SidecarError):
         return False
-    return meta.get("tokenizer_fingerprint") == fingerprint and meta.get("reference") == reference
+    if meta.get("tokenizer_fingerprint") != fingerprint or meta.get("reference") != reference:
+        return False
+    if shard_url is not None and mismatch(meta, shard_url):
+        return False
+    return max_length is None or int(meta.get("max_length") or 0) >= max_length
+
+
+def mismatch(meta: dict[str, Any], shard_url: str) -> str:
+    """Why a sidecar's meta does not describe ``shard_url`` as it is now ('' when it does)."""
+    now = shard_identity(shard_url)
+    if meta.get("shard_name") != now["shard_name"]:
+        return f"it was made for shard {meta.get('shard_name') or meta.get('shard')}, not {now['shard_name']}"
+    if now["shard_bytes"] is not None and meta.get("shard_bytes") != now["shard_bytes"]:
+        return f"the shard is {now['shard_bytes']} bytes now and was {meta.get('shard_bytes')} when scored"
+    return ""
+
+
+def check_finite(sidecar: Sidecar, path: str | Path) -> None:
+    """A sidecar with a non-finite log-probability (or one above 0) is an error, never a silent
+    fallback: the loss would turn it into NaN weights or into NTP."""
+    logp = sidecar.ref_logprobs
+    bad = ~np.isfinite(logp) | (logp > 1e-4)
+    if bad.any():
+        at = int(np.argmax(bad))
+        key = sidecar.keys[int(np.searchsorted(sidecar.offsets, at, side="right")) - 1]
+        raise SidecarError(
+            f"{path} holds {int(bad.sum())} invalid log-probabilities (the first, {logp[at]}, in "
+            f"sample {key}); the reference LM produced NaN/inf. Delete the sidecar and re-run "
+            "`prior-weights` (in float32 if it ran in a lower precision)."
+        )
 
 
 class WeightJoiner:
@@ -162,9 +213,10 @@ class WeightJoiner:
     in memory; a missing sidecar, a missing key or different token ids stop the run.
     """
 
-    def __init__(self, fingerprint: str, sidecar_dir: str | None = None) -> None:
+    def __init__(self, fingerprint: str, sidecar_dir: str | None = None, max_length: int | None = None) -> None:
         self.fingerprint = fingerprint
         self.sidecar_dir = sidecar_dir
+        self.max_length = max_length
         self._url: str | None = None
         self._sidecar: Sidecar | None = None
 
@@ -186,13 +238,29 @@ class WeightJoiner:
                 f"run tokenizes with {self.fingerprint} (first key {first[0] if first else '-'}). Re-run "
                 "stage 2 with this run's tokenizer, or point the run at the tokenizer that made it."
             )
+        problem = mismatch(meta, url)
+        if problem:
+            raise SidecarError(
+                f"Sidecar {path} does not belong to shard {url}: {problem}. Delete it and re-run "
+                f"`prior-weights shards={Path(url).parent}`."
+            )
+        scored = meta.get("max_length")
+        if self.max_length is not None and (scored is None or int(scored) < self.max_length):
+            raise SidecarError(
+                f"Sidecar {path} was scored with max_length={scored}, and this run tokenizes captions "
+                f"up to {self.max_length} tokens: longer captions would have no weights. Re-run "
+                f"`prior-weights max_length={self.max_length}` (it rescores only such shards), or "
+                f"train with data.max_length={scored}."
+            )
         return meta
 
     def __call__(self, url: str, key: str, input_ids: list[int]) -> np.ndarray:
         """The reference log-probabilities of ``input_ids[1:]`` for sample ``key`` of ``url``."""
         if url != self._url:
             self.check(url)
-            self._sidecar = load_sidecar(sidecar_path(url, self.sidecar_dir))
+            path = sidecar_path(url, self.sidecar_dir)
+            self._sidecar = load_sidecar(path)
+            check_finite(self._sidecar, path)
             self._url = url
         assert self._sidecar is not None
         if key not in self._sidecar:

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 from torchmetrics import MeanMetric
-from transformers import AutoModelForCausalLM
 
 from prior.config import to_plain
-from prior.data.tokenization import fingerprint, load_tokenizer
+from prior.data.tokenization import load_tokenizer
 from prior.loss import token_cross_entropy, weight_stats
 from prior.models.lvlm import LVLMOutput, apply_freezing, build_lvlm
+from prior.models.reference import load_reference
 from prior.modules.base import TokenLossModule
 from prior.modules.reference_lm import caption_logprobs
 from prior.weighting import WeightInputs, build_weighting
@@ -62,13 +62,7 @@ class LVLMModule(TokenLossModule):
         return self.weighting.name
 
     def _load_reference(self, path: str) -> torch.nn.Module:
-        ref_tok = load_tokenizer(path)
-        if fingerprint(ref_tok) != fingerprint(self.tokenizer):
-            raise ValueError(
-                f"The reference LM at {path} uses tokenizer {fingerprint(ref_tok)}, the LVLM uses "
-                f"{fingerprint(self.tokenizer)}: both must tokenize captions the same way."
-            )
-        return AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False)
+        return load_reference(path, tokenizer=self.tokenizer)
 
     # ------------------------------------------------------------------ weights and loss
 

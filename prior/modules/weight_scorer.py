@@ -1,113 +1,29 @@
 """Stage 2: score every caption token with the frozen reference LM and write per-shard sidecars.
 
-Run with ``Trainer.predict``. The unit of work is a shard: shards are split over ranks (and read
-by DataLoader workers in parallel), each rank scores its shards in length-sorted micro-batches and
-``SidecarWriter`` writes one sidecar per shard as soon as it is scored. Shards whose sidecar already
-exists for the same tokenizer and reference LM are skipped, so a re-run resumes.
+Run with ``Trainer.predict`` on ``prior.data.scoring.ScoringData``. The unit of work is a shard:
+shards are split over ranks and DataLoader workers (each read exactly once), each rank scores its
+shards in length-sorted micro-batches and ``SidecarWriter`` writes one sidecar per shard as soon as
+it is scored. Shards whose sidecar already serves (same tokenizer, reference, shard and at least
+this ``max_length``) are skipped, so a re-run resumes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 import warnings
 from collections.abc import Sequence
-from functools import partial
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from torch.utils.data import DataLoader, Dataset
-from transformers import AutoModelForCausalLM
 
-from prior.data.pipeline import SampleDecoder, SkipCounter, raw_samples
-from prior.data.sidecars import Sidecar, is_complete, read_meta, sidecar_path
-from prior.data.shards import resolve_shards
-from prior.data.tokenization import TEMPLATE_VERSION, encode_caption, fingerprint, load_tokenizer, special_ids
+from prior.data.sidecars import Sidecar, read_meta, shard_identity, sidecar_path
+from prior.data.tokenization import TEMPLATE_VERSION, load_tokenizer, special_ids
 from prior.loss import token_weights
-from prior.models.llm import DTYPES
+from prior.models.reference import load_reference
 from prior.modules.reference_lm import caption_logprobs
-
-
-def reference_id(folder: str | Path) -> str:
-    """A short content hash of a reference LM folder's config and weight files."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return hashlib.sha256(str(folder).encode()).hexdigest()[:16]  # a hub name
-    h = hashlib.sha256()
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".json", ".safetensors", ".bin"))
-    for p in files:
-        if p.name.startswith("tokenizer"):
-            continue
-        h.update(p.name.encode())
-        with p.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
-
-
-class ShardCaptions(Dataset):
-    """One item per shard: its sample keys and caption ids (images are not decoded)."""
-
-    def __init__(self, urls: Sequence[str], decoder: SampleDecoder) -> None:
-        self.urls = list(urls)
-        self.decoder = decoder
-
-    def __len__(self) -> int:
-        return len(self.urls)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        keys, ids = [], []
-        for raw in raw_samples([self.urls[i]], self.decoder.counter):
-            sample = self.decoder(raw)
-            if sample is not None:
-                keys.append(sample["key"])
-                ids.append(sample["input_ids"])
-        return {"url": self.urls[i], "keys": keys, "input_ids": ids}
-
-
-class ScoringData(L.LightningDataModule):
-    """The shards still to score, split over ranks."""
-
-    def __init__(
-        self,
-        shards: Any,
-        tokenizer: str,
-        *,
-        reference: str,
-        max_length: int = 128,
-        num_workers: int = 0,
-        sidecar_dir: str | None = None,
-    ) -> None:
-        super().__init__()
-        self.tokenizer = load_tokenizer(tokenizer)
-        self.fingerprint = fingerprint(self.tokenizer)
-        self.reference = reference
-        self.max_length = max_length
-        self.num_workers = num_workers
-        self.sidecar_dir = sidecar_dir
-        self.counter = SkipCounter()
-        self.all_urls = list(resolve_shards(shards).urls)
-        self.todo = [
-            u for u in self.all_urls
-            if not is_complete(sidecar_path(u, sidecar_dir), self.fingerprint, reference)
-        ]
-
-    def predict_dataloader(self) -> DataLoader:
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        decoder = SampleDecoder(
-            encode=partial(encode_caption, self.tokenizer, max_length=self.max_length),
-            counter=self.counter,
-            with_images=False,
-        )
-        return DataLoader(
-            ShardCaptions(self.todo[rank::world], decoder),
-            batch_size=None,
-            num_workers=min(self.num_workers, max(len(self.todo[rank::world]), 1)),
-        )
 
 
 class WeightScorer(L.LightningModule):
@@ -116,8 +32,7 @@ class WeightScorer(L.LightningModule):
     def __init__(self, reference: str, micro_batch_size: int = 64, dtype: str = "float32") -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = AutoModelForCausalLM.from_pretrained(reference, dtype=DTYPES[dtype])
-        self.model.eval().requires_grad_(False)
+        self.model = load_reference(reference, dtype=dtype)
         self.pad_id = special_ids(load_tokenizer(reference))[2]
 
     @torch.no_grad()
@@ -152,13 +67,15 @@ warnings.filterwarnings("ignore", message=r"Couldn't infer the batch indices fet
 class SidecarWriter(BasePredictionWriter):
     """Writes each scored shard's sidecar atomically as soon as its batch is done."""
 
-    def __init__(self, tokenizer_fingerprint: str, reference: str, reference_path: str, sidecar_dir: str | None) -> None:
+    def __init__(self, tokenizer_fingerprint: str, reference: str, reference_path: str, sidecar_dir: str | None,
+                 max_length: int) -> None:
         super().__init__(write_interval="batch")
         self.meta = {
             "tokenizer_fingerprint": tokenizer_fingerprint,
             "template": TEMPLATE_VERSION,
             "reference": reference,
             "reference_path": reference_path,
+            "max_length": int(max_length),
             "alpha": 1.0,
         }
         self.sidecar_dir = sidecar_dir
@@ -169,11 +86,15 @@ class SidecarWriter(BasePredictionWriter):
         meta = {
             **self.meta,
             "shard": prediction["url"],
+            **shard_identity(prediction["url"]),
             "num_tokens": int(tokens),
             "weight_sum": float(sum(float(np.sum(r[3])) for r in records)),
             "created": time.time(),
         }
+        meta["rank"] = trainer.global_rank
         Sidecar.build(records, meta).save(sidecar_path(prediction["url"], self.sidecar_dir))
+        print(f"scored {prediction['url']} ({len(records)} samples, {tokens} tokens) on rank {trainer.global_rank}",
+              flush=True)
 
 
 def summarize(urls: Sequence[str], sidecar_dir: str | None, since: float, seconds: float) -> dict[str, float]:
