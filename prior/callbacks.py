@@ -172,3 +172,70 @@ class SampleTable(L.Callback):
             shaded = weighted_caption_html(tok, ids, weights[i][: len(ids)] if weights else [0.0] * len(ids))
             rows.append((head["images"][i], shaded, tok.decode(generated[i])))
         return rows
+
+
+class NonFiniteError(RuntimeError):
+    """A loss, gradient or parameter became NaN or infinite."""
+
+
+def non_finite_tensors(tensors: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in ``tensors`` that hold a NaN or an infinity."""
+    return [k for k, v in tensors.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+class NonFiniteGuard(L.Callback):
+    """Stops a run whose gradients (and so its loss) stop being finite, before the optimizer applies
+    them; and never lets a non-finite model reach a checkpoint.
+
+    ``action="stop"`` raises ``NonFiniteError`` naming the step. ``action="skip"`` drops the
+    step's gradients (the optimizer leaves every parameter alone), counts it
+    (``train/nonfinite_skips``) and stops after ``max_skips`` skipped steps. Under DDP the
+    gradients are already all-reduced here, so every rank decides the same. Checkpoints whose
+    parameters are not all finite are refused, so ``last.ckpt`` keeps the last finite state.
+    """
+
+    def __init__(self, action: str = "stop", max_skips: int = 10) -> None:
+        if action not in ("stop", "skip"):
+            raise ValueError(f"NonFiniteGuard action must be 'stop' or 'skip', got {action!r}")
+        self.action = action
+        self.max_skips = max_skips
+        self.skipped = 0
+
+    def state_dict(self) -> dict:  # noqa: D102
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict) -> None:  # noqa: D102
+        self.skipped = int(state_dict.get("skipped", 0))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # noqa: D102
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        if bool(torch.isfinite(norm)):
+            return
+        loss = getattr(pl_module, "last_loss", None)
+        what = (f"non-finite gradient norm ({float(norm)}) at step {trainer.global_step}"
+                + (f", loss {float(loss)}" if loss is not None else ""))
+        if self.action == "skip" and self.skipped < self.max_skips:
+            self.skipped += 1
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            log.warning("skipped the optimizer step: %s (%d of at most %d)", what, self.skipped, self.max_skips)
+            pl_module.log("train/nonfinite_skips", float(self.skipped), sync_dist=False)
+            return
+        hint = ("lower optimizer.lr, keep gradient clipping on (trainer.gradient_clip_val), check the data; "
+                "or set callbacks.nonfinite_guard.action=skip to skip such steps")
+        if self.action == "skip":
+            what = f"{what}, after {self.skipped} skipped step(s) (max_skips={self.max_skips})"
+        raise NonFiniteError(f"Training stopped: {what}. The last checkpoint is the last finite state; {hint}.")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:  # noqa: D102
+        bad = non_finite_tensors(checkpoint.get("state_dict", {}))
+        if bad:
+            raise NonFiniteError(
+                f"Refusing to checkpoint step {trainer.global_step}: {len(bad)} parameter tensor(s) are not "
+                f"finite (first: {bad[0]}); the previous checkpoint is kept."
+            )

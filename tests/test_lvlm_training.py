@@ -209,3 +209,44 @@ def test_checkpoints_can_hold_only_the_trainable_parameters(demo, tmp_path):
     restored = LVLMModule.load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     for name in saved:
         assert torch.equal(restored.state_dict()[name], ckpt["state_dict"][name])
+
+
+@pytest.mark.parametrize("action", ["stop", "skip"])
+def test_non_finite_training_stops_and_keeps_the_last_finite_checkpoint_and_export(demo, tmp_path, action):
+    """optimizer.lr=1e30 trains into NaN: the run raises naming the step (after max_skips skipped
+    steps with action=skip); last.ckpt holds the last finite state; the previous export survives."""
+    from prior.callbacks import NonFiniteError, non_finite_tensors
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "previous.txt").write_text("the previous export")
+    cfg = lvlm_cfg(demo, "loss=ntp", "optimizer.lr=1e30", "trainer.max_steps=8", "trainer.val_check_interval=8",
+                   "checkpoint_every=1", f"callbacks.nonfinite_guard.action={action}",
+                   "callbacks.nonfinite_guard.max_skips=2", f"paths.output_dir={tmp_path / 'run'}",
+                   f"export_dir={export}")
+    pattern = r"non-finite gradient norm .* at step \d+" + (r".*after 2 skipped step" if action == "skip" else "")
+    with pytest.raises(NonFiniteError, match=pattern):
+        train_lvlm(cfg)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert not non_finite_tensors(last["state_dict"])
+    assert last["global_step"] >= 1
+    assert sorted(p.name for p in export.iterdir()) == ["previous.txt"]
+
+
+def test_non_finite_checkpoints_and_exports_are_refused(demo, tmp_path):
+    from prior.callbacks import NonFiniteError, NonFiniteGuard
+    from prior.cli.common import export_atomically
+
+    model = instantiate(lvlm_cfg(demo, "loss=ntp").model, _recursive_=False)
+    export_atomically(model, tmp_path / "export")
+    first = sorted(p.name for p in (tmp_path / "export").iterdir())
+    assert first  # written through a temporary folder, swapped in
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="Refusing to export"):
+        export_atomically(model, tmp_path / "export")
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == first
+    trainer = L.Trainer(logger=False, enable_checkpointing=False)
+    with pytest.raises(NonFiniteError, match="Refusing to checkpoint step 0"):
+        NonFiniteGuard().on_save_checkpoint(trainer, model, {"state_dict": model.state_dict()})

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from prior.callbacks import NonFiniteError, non_finite_tensors
 from prior.cli._hydra import CONF_DIR
 from prior.config import to_plain
 from prior.weighting import build_weighting
@@ -70,9 +75,35 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, L.LightningDataM
     return trainer, model, datamodule
 
 
+def export_atomically(model: L.LightningModule, folder: str | Path) -> Path:
+    """``model.export`` into a temporary folder beside ``folder``, then swapped in: a killed or
+    failed export never leaves a half-written model where the previous one was, and a model with
+    non-finite parameters is refused (the previous export stays)."""
+    folder = Path(folder)
+    bad = non_finite_tensors(model.state_dict())
+    if bad:
+        raise NonFiniteError(
+            f"Refusing to export to {folder}: {len(bad)} parameter tensor(s) are not finite (first: {bad[0]})."
+        )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        model.export(tmp)
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
 def train_and_export(cfg: DictConfig, what: str) -> dict[str, float]:
-    """``fit``, then (on rank 0) ``model.export(cfg.export_dir)``; the final logged metrics."""
+    """``fit``, then (on rank 0) export ``model`` to ``cfg.export_dir`` atomically; the final
+    logged metrics."""
     trainer, model, _ = fit(cfg)
     if trainer.is_global_zero:
-        print(f"{what} exported to {model.export(cfg.export_dir)}")
+        print(f"{what} exported to {export_atomically(model, cfg.export_dir)}")
     return {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -24,11 +24,13 @@ class TokenLossModule(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self._window_tokens = torch.zeros((), dtype=torch.float64)
+        self.last_loss: torch.Tensor | None = None
 
     def token_sum_objective(self, loss_sum: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
         """What ``training_step`` returns for a micro-batch whose per-token losses sum to
         ``loss_sum`` over ``num_tokens`` loss tokens; gradients are normalised at the step."""
         self._window_tokens += num_tokens.detach().double().cpu()
+        self.last_loss = loss_sum.detach() / num_tokens.clamp(min=1)  # named by NonFiniteGuard
         # Lightning divides by accumulate_grad_batches and DDP averages over ranks: undo both.
         return loss_sum * (self.trainer.accumulate_grad_batches * self.trainer.world_size)
 
