@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 from PIL import Image
 
 CAPTION_WORDS = "a circle in red on the left and a square in blue on the right".split()
@@ -76,3 +78,16 @@ def write_img2dataset_shards(
                 json.dumps({"count": per_shard, "successes": per_shard, "failed_to_download": 0})
             )
     return keys
+
+
+
+class PauseAt(L.Callback):
+    """Sleeps before training step ``step`` (after the checkpoint of the step before it is written),
+    so a test can kill the run at a known point."""
+
+    def __init__(self, step: int, seconds: float = 120.0) -> None:
+        self.step, self.seconds = step, seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
+        if trainer.global_step == self.step:
+            time.sleep(self.seconds)

@@ -179,10 +179,44 @@ def test_resume_mid_epoch_continues_the_same_stream(tmp_path, tokenizer_dir):
     loader = dm.train_dataloader()
     keys_of(loader)
     full = [b["keys"] for b in loader]  # data epoch 1
+    state = {**dm.state_dict(), "epoch": 1, "batches_done": 3}
     dm2 = make_dm({"train": str(tmp_path / "s")}, tokenizer_dir, num_workers=2, shuffle_buffer=8)
-    dm2.load_state_dict({"epoch": 1, "batches_done": 3})
+    dm2.load_state_dict(state)
     rest = [b["keys"] for b in dm2.train_dataloader()]
     assert rest == full[3:]
+
+
+def test_resume_skips_to_the_position_without_decoding_images(tmp_path, tokenizer_dir, monkeypatch):
+    from prior.data.pipeline import SampleDecoder
+
+    write_img2dataset_shards(tmp_path / "s", 2, 10, caption=lambda i: f"a circle in red {i}")
+    decoded = []
+    original = SampleDecoder.decode_image
+    monkeypatch.setattr(SampleDecoder, "decode_image", lambda self, s: decoded.append(s["key"]) or original(self, s))
+    dm = make_dm({"train": str(tmp_path / "s")}, tokenizer_dir, num_workers=0, shuffle_buffer=8)
+    dm.train_dataloader()
+    dm.load_state_dict({**dm.state_dict(), "epoch": 0, "batches_done": 4})
+    rest = keys_of(dm.train_dataloader())
+    assert len(rest) == 20 - 16 and decoded == rest  # the 16 skipped samples were never decoded
+
+
+def test_resume_with_another_data_layout_is_an_error_unless_resharding(tmp_path, tokenizer_dir):
+    write_img2dataset_shards(tmp_path / "s", 4, 10, caption=lambda i: f"a circle in red {i}")
+    dm = make_dm({"train": str(tmp_path / "s")}, tokenizer_dir, num_workers=2)
+    dm.train_dataloader()
+    state = {**dm.state_dict(), "epoch": 0, "batches_done": 3}
+    assert state["layout"]["num_workers"] == 2 and state["layout"]["train_shards"].startswith("4 shards")
+    for change in ({"num_workers": 1}, {"batch_size": 2}, {"seed": 5}):
+        with pytest.raises(ValueError, match=rf"{next(iter(change))}: .* -> .*reshard_on_resume=true"):
+            make_dm({"train": str(tmp_path / "s")}, tokenizer_dir, **{"num_workers": 2, **change}).load_state_dict(state)
+    write_img2dataset_shards(tmp_path / "s", 1, 10, first_shard=4)  # a shard more
+    with pytest.raises(ValueError, match=r"train_shards: 4 shards, .* -> 5 shards"):
+        make_dm({"train": str(tmp_path / "s")}, tokenizer_dir, num_workers=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="no data layout"):
+        make_dm({"train": str(tmp_path / "s")}, tokenizer_dir).load_state_dict({"epoch": 0, "batches_done": 1})
+    dm2 = make_dm({"train": str(tmp_path / "s")}, tokenizer_dir, num_workers=1, reshard_on_resume=True)
+    dm2.load_state_dict(state)
+    assert dm2.train_dataloader().epoch == -1 and dm2._train_loader._resume == (1, 0)  # the next data epoch
 
 
 def test_text_only_mode_does_not_decode_images(tmp_path, tokenizer_dir):

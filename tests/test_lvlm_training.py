@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -127,20 +129,51 @@ def test_train_export_load_generate_same_logits(demo, tmp_path):
     assert isinstance(tokenizer.decode(gen_b[0]), str)
 
 
-def test_resume_restores_model_optimizer_scheduler_and_data_position(demo, tmp_path):
-    common = ["loss=prior", "trainer.max_steps=6", "trainer.val_check_interval=1000", "checkpoint_every=3",
-              "trainer.limit_val_batches=0", "scheduler.num_warmup_steps=2"]
-    full = lvlm_cfg(demo, *common, f"paths.output_dir={tmp_path / 'full'}", f"export_dir={tmp_path / 'a'}")
-    train_lvlm(full)
-    mid = tmp_path / "full" / "checkpoints" / "step000003.ckpt"
-    assert mid.exists()
-    resumed = lvlm_cfg(demo, *common, f"paths.output_dir={tmp_path / 'resumed'}", f"export_dir={tmp_path / 'b'}",
-                       f"ckpt_path={mid}")
-    train_lvlm(resumed)
+def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(demo, tmp_path):
+    """SIGKILL a training subprocess after its step-2 checkpoint; ``ckpt_path=last`` in the same run
+    folder restores model, optimizer, scheduler, RNG and data position: the final weights equal an
+    uninterrupted run's."""
+    common = ["loss=prior", "trainer.max_steps=5", "trainer.val_check_interval=1000", "checkpoint_every=2",
+              "trainer.limit_val_batches=0", "scheduler.num_warmup_steps=2", "~callbacks.sample_table"]
+    train_lvlm(lvlm_cfg(demo, *common, f"paths.output_dir={tmp_path / 'full'}", f"export_dir={tmp_path / 'a'}"))
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "prior.cli.train_lvlm", "backbone=encoder_free", *FAST, *common,
+           f"paths.root_dir={demo.root}", f"hydra.run.dir={run}", f"export_dir={tmp_path / 'b'}",
+           "+callbacks.pause._target_=tests.helpers.PauseAt", "+callbacks.pause.step=2"]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 300
+        while not (run / "checkpoints" / "step000002.ckpt").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
+            time.sleep(0.2)
+        time.sleep(1.0)  # last.ckpt is written right after
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (tmp_path / "b").exists()
+    train_lvlm(lvlm_cfg(demo, *common, f"paths.output_dir={run}", f"export_dir={tmp_path / 'b'}", "ckpt_path=last"))
     a, _ = prior.load(tmp_path / "a")
     b, _ = prior.load(tmp_path / "b")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_ckpt_path_last_auto_and_remote(tmp_path):
+    from prior.cli.common import resolve_ckpt_path
+
+    with pytest.raises(FileNotFoundError, match=r"last.ckpt does not exist.*hydra.run.dir"):
+        resolve_ckpt_path("last", tmp_path)
+    assert resolve_ckpt_path("auto", tmp_path) is None  # a requeued job that never checkpointed
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert resolve_ckpt_path("last", tmp_path) == resolve_ckpt_path("auto", tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
+    with pytest.raises(ValueError, match="allow_remote_ckpt=true"):
+        resolve_ckpt_path("https://example.invalid/last.ckpt", tmp_path)
+    assert resolve_ckpt_path("s3://bucket/x.ckpt", tmp_path, allow_remote=True) == "s3://bucket/x.ckpt"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_ckpt_path(str(tmp_path / "nope.ckpt"), tmp_path)
 
 
 class _Linear(TokenLossModule):

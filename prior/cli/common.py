@@ -11,7 +11,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from prior.callbacks import NonFiniteError, non_finite_tensors
 from prior.cli._hydra import CONF_DIR
@@ -58,8 +58,47 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     return instantiate(cfg.data, **extra)
 
 
+def resolve_ckpt_path(spec: str | None, output_dir: str | Path, *, allow_remote: bool = False) -> str | None:
+    """The checkpoint a run resumes from.
+
+    ``last``: the run folder's own ``checkpoints/last.ckpt`` (name the folder with
+    ``hydra.run.dir=<run>``), an error when there is none; ``auto``: the same, or a fresh start
+    when there is none (a requeued job that may not have checkpointed yet); a path: that file,
+    which must exist; a URL: refused unless ``allow_remote_ckpt=true``, since a checkpoint is
+    unpickled when it is loaded."""
+    if spec in (None, ""):
+        return None
+    spec = str(spec)
+    if spec in ("last", "auto"):
+        last = Path(output_dir) / "checkpoints" / "last.ckpt"
+        if last.exists():
+            return str(last)
+        if spec == "auto":
+            log.info("ckpt_path=auto: no %s yet, starting from step 0", last)
+            return None
+        raise FileNotFoundError(
+            f"ckpt_path=last resumes the run folder's checkpoints/last.ckpt, and {last} does not exist. "
+            "Name the run to resume with hydra.run.dir=<its folder> (a new run gets a new folder), give "
+            "the checkpoint's path, or use ckpt_path=auto to start fresh when there is none."
+        )
+    if "://" in spec:
+        if not allow_remote:
+            raise ValueError(
+                f"ckpt_path={spec} is remote. Loading a checkpoint unpickles it, so remote ones are refused: "
+                "copy it locally, or set allow_remote_ckpt=true if you trust its source."
+            )
+        return spec
+    if not Path(spec).is_file():
+        raise FileNotFoundError(f"ckpt_path={spec} does not exist.")
+    return spec
+
+
 def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, L.LightningDataModule]:
     """Seed, build data, model and trainer from ``cfg`` and train (resuming from ``ckpt_path``)."""
+    if cfg.get("ckpt_path") is not None:
+        with open_dict(cfg):
+            cfg.ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir,
+                                              allow_remote=bool(cfg.get("allow_remote_ckpt", False)))
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     model = instantiate(cfg.model, _recursive_=False)

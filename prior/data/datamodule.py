@@ -12,6 +12,7 @@ A batch is a dict::
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from prior.data.pipeline import SampleDecoder, ShardStream, SkipCounter, check_shard_count
 from prior.data.shards import ShardSet, resolve_shards
-from prior.data.sidecars import WeightJoiner
+from prior.data.sidecars import WeightJoiner, shard_identity
 from prior.data.tokenization import encode_caption, fingerprint, load_tokenizer, special_ids
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         with_weights: bool = False,
         sidecar_dir: str | None = None,
+        reshard_on_resume: bool = False,
     ) -> None:
         super().__init__()
         unknown = set(shards) - set(SPLITS)
@@ -154,6 +156,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.with_weights = with_weights
         self.sidecar_dir = sidecar_dir
+        self.reshard_on_resume = reshard_on_resume
         self.counter = SkipCounter()
         self.tokenizer = load_tokenizer(tokenizer)
         self.pad_id = special_ids(self.tokenizer)[2]
@@ -265,8 +268,26 @@ class ImageCaptionDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ resume and reporting
 
-    def state_dict(self) -> dict[str, int]:
-        """The data position: the data epoch and the batches of it already trained on."""
+    def layout(self) -> dict[str, Any]:
+        """What decides which samples each training step reads: a resume must find the same."""
+        shards = self.shard_set("train")
+        ident = hashlib.sha256()
+        for url in shards.urls:
+            ident.update(url.split("/")[-1].encode())
+            ident.update(str(shard_identity(url)["shard_bytes"]).encode())
+        return {
+            "world_size": self._world_size(),
+            "num_workers": int(self.num_workers),
+            "batch_size": int(self.batch_size),
+            "seed": int(self.seed),
+            "shuffle_buffer": int(self.shuffle_buffer),
+            "samples_per_epoch": self.samples_per_epoch,
+            "train_shards": f"{len(shards.urls)} shards, {ident.hexdigest()[:16]}",
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position (the data epoch and the batches of it already trained on) and the
+        layout it is a position in."""
         if self._train_loader is None:
             return {}
         done = 0
@@ -274,11 +295,24 @@ class ImageCaptionDataModule(L.LightningDataModule):
         if trainer is not None:
             # checkpoints are written in on_train_batch_end, before "completed" counts the batch
             done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": self._train_loader.epoch, "batches_done": int(done)}
+        return {"epoch": self._train_loader.epoch, "batches_done": int(done), "layout": self.layout()}
 
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        if state_dict:
-            self._pending_state = {
-                "epoch": int(state_dict["epoch"]),
-                "batches_done": int(state_dict["batches_done"]),
-            }
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume at the checkpoint's data position; a different layout is an error (it would
+        replay or skip data) unless ``reshard_on_resume``, which starts the next data epoch."""
+        if not state_dict:
+            return
+        epoch, done = int(state_dict["epoch"]), int(state_dict["batches_done"])
+        saved, now = state_dict.get("layout"), self.layout()
+        if saved != now:
+            diff = ("no data layout (an older checkpoint)" if saved is None else
+                    "; ".join(f"{k}: {saved.get(k)} -> {now[k]}" for k in now if saved.get(k) != now[k]))
+            if not self.reshard_on_resume:
+                raise ValueError(
+                    f"The checkpoint's data position belongs to another data layout ({diff}): resuming would "
+                    "replay or skip training data. Resume with the same settings, or set "
+                    "data.reshard_on_resume=true to continue from the start of the next data epoch."
+                )
+            log.warning("data layout changed on resume (%s): continuing at the start of data epoch %d", diff, epoch + 1)
+            epoch, done = epoch + 1, 0
+        self._pending_state = {"epoch": epoch, "batches_done": done}

@@ -32,6 +32,7 @@ SKIP_REASONS = ("corrupt_shard", "bad_image", "empty_caption", "missing_field", 
 RESIZE_MODES = ("center_crop", "resize", "pad", "none")
 _MAX_WORKERS = 256
 _LOG_FIRST = 3
+_MAX_BAD_IN_A_ROW = 1000  # a training reader gives up after this many unusable images in a row
 
 
 class SkipCounter:
@@ -125,6 +126,12 @@ class SampleDecoder:
             raise ValueError(f"Unknown resize mode {self.resize!r}; choose one of {RESIZE_MODES}.")
 
     def __call__(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+        sample = self.parse(raw)
+        return None if sample is None else self.decode_image(sample)
+
+    def parse(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+        """Everything but the pixels: caption, ids, meta, weights, and the image's encoded bytes
+        (``image_bytes``) when images are wanted; None (counted) when the sample is bad."""
         key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
         where = f"{key} in {url}"
         if "txt" not in raw:
@@ -155,14 +162,23 @@ class SampleDecoder:
             if ext is None:
                 self.counter.add("missing_field", where, f"no image ({'/'.join(IMAGE_EXTS)})")
                 return None
-            try:
-                with Image.open(io.BytesIO(raw[ext])) as img:
-                    img.load()
-                    rgb = resize_image(to_rgb(img), self.image_size, self.resize)
-            except Exception as err:  # PIL raises many types for bad bytes
-                self.counter.add("bad_image", where, err)
-                return None
-            sample["image"] = image_to_tensor(rgb)
+            sample["image_bytes"] = raw[ext]
+        return sample
+
+    def decode_image(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        """A parsed sample with its image decoded, resized and as a tensor (``image``); None
+        (counted) when the bytes are not a usable image."""
+        data = sample.pop("image_bytes", None)
+        if data is None:
+            return sample
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                rgb = resize_image(to_rgb(img), self.image_size, self.resize)
+        except Exception as err:  # PIL raises many types for bad bytes (and DecompressionBombError)
+            self.counter.add("bad_image", f"{sample['key']} in {sample['url']}", err)
+            return None
+        sample["image"] = image_to_tensor(rgb)
         return sample
 
 
@@ -215,7 +231,10 @@ class ShardStream(IterableDataset):
     ``mode="once"`` reads every sample exactly once across all readers, in shard order (validation,
     evaluation, weight scoring). ``mode="train"`` shuffles shards by ``(seed, epoch)`` and samples
     in a buffer, and gives every reader exactly ``samples_per_reader`` samples per epoch, cycling
-    its shards if needed, so all ranks see the same number of batches.
+    its shards if needed, so all ranks see the same number of batches. Its images are decoded after
+    the shuffle buffer, so ``skip_samples`` (resume) skips without decoding any image; a sample whose
+    image turns out bad is counted and replaced by the next one. Skipping counts positions, so a
+    resumed reader repeats as many samples as it met bad images before the resume position.
     """
 
     def __init__(
@@ -252,12 +271,24 @@ class ShardStream(IterableDataset):
             return
         rng = np.random.default_rng([self.seed, self.epoch])
         order = [self.urls[i] for i in rng.permutation(len(self.urls))]
+        # Images are decoded after the shuffle, so skipping to a resume position decodes none.
         stream = self._passes(order[slot::slots], np.random.default_rng([self.seed, self.epoch, slot]))
-        for i, sample in enumerate(stream):
-            if i >= self.samples_per_reader:
+        for _ in range(self.skip_samples):
+            next(stream)
+        left, failed = self.samples_per_reader - self.skip_samples, 0
+        for parsed in stream:
+            if left <= 0:
                 return
-            if i >= self.skip_samples:
-                yield sample
+            sample = self.decoder.decode_image(parsed)
+            if sample is None:
+                failed += 1
+                if failed >= _MAX_BAD_IN_A_ROW:
+                    raise RuntimeError(f"{failed} samples in a row had no usable image in shards {order[slot::slots]}; "
+                                       "see the skip counts.")
+                continue
+            failed = 0
+            left -= 1
+            yield sample
 
     def _decoded(self, urls: Sequence[str]) -> Iterator[dict[str, Any]]:
         for raw in raw_samples(urls, self.decoder.counter):
@@ -265,11 +296,17 @@ class ShardStream(IterableDataset):
             if sample is not None:
                 yield sample
 
+    def _parsed(self, urls: Sequence[str]) -> Iterator[dict[str, Any]]:
+        for raw in raw_samples(urls, self.decoder.counter):
+            sample = self.decoder.parse(raw)
+            if sample is not None:
+                yield sample
+
     def _passes(self, urls: Sequence[str], rng: np.random.Generator) -> Iterator[dict[str, Any]]:
-        """Shuffled passes over this reader's shards, as many as asked for."""
+        """Shuffled passes over this reader's shards (images not decoded yet), without end."""
         while True:
             produced = False
-            for sample in _shuffled(self._decoded(urls), self.shuffle_buffer, rng):
+            for sample in _shuffled(self._parsed(urls), self.shuffle_buffer, rng):
                 produced = True
                 yield sample
             if not produced:
