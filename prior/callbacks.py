@@ -11,28 +11,34 @@ import lightning as L
 import numpy as np
 import torch
 
+from prior.data.pipeline import SKIP_REASONS
+
 log = logging.getLogger(__name__)
 
 
 class SkipReport(L.Callback):
-    """Logs the bad-input counters of the datamodule (``data/skipped_<reason>``) and prints a
-    summary when a run ends, so skipped samples are never silent."""
+    """Logs the data counters of the datamodule (``data/skipped_<reason>``, ``data/read``,
+    ``data/caption_not_utf8``) and prints the run's data report when it ends, so skipped samples are
+    never silent."""
 
     def _counts(self, trainer: L.Trainer) -> dict[str, int]:
         counter = getattr(trainer.datamodule, "counter", None)
-        return counter.totals() if counter is not None else {}
+        return {**counter.totals(), **counter.notes()} if counter is not None else {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
         if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
             for reason, n in self._counts(trainer).items():
-                pl_module.log(f"data/skipped_{reason}", float(n), reduce_fx="sum", sync_dist=False)
+                name = f"data/skipped_{reason}" if reason in SKIP_REASONS else f"data/{reason}"
+                pl_module.log(name, float(n), reduce_fx="sum", sync_dist=False)
 
     def _report(self, trainer: L.Trainer) -> None:
         counter = getattr(trainer.datamodule, "counter", None)
-        line = counter.report() if counter is not None else ""
+        if counter is None:
+            return
+        line = counter.report()
         if line:
             log.warning(line)
-            print(line)
+        print(line or f"{counter.summary()}.")
 
     def on_fit_end(self, trainer, pl_module) -> None:  # noqa: D102
         self._report(trainer)

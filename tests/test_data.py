@@ -225,3 +225,92 @@ def test_text_only_mode_does_not_decode_images(tmp_path, tokenizer_dir):
     batch = next(iter(dm.predict_dataloader()))
     assert "images" not in batch and len(batch["keys"]) == 3
     assert dm.counter.totals()["bad_image"] == 0
+
+
+# ----------------------------------------------------------------------------- the bad-input matrix
+
+
+def _raw_shard(path, samples):
+    """A shard of (key, {ext: bytes}) samples, written as given."""
+    import tarfile
+
+    from tests.helpers import add_file
+
+    with tarfile.open(path, "w") as tar:
+        for key, fields in samples:
+            for ext, data in fields.items():
+                add_file(tar, f"{key}.{ext}", data)
+
+
+def _ok(caption=b"a circle in red"):
+    return {"jpg": jpg_bytes(), "txt": caption}
+
+
+def test_bad_input_matrix_every_sample_read_or_skipped_and_counted(tmp_path, tokenizer_dir, monkeypatch):
+    """Each kind of bad input is skipped and counted (or read, and counted where repaired);
+    samples read + skipped == samples in the shards."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1400)  # the others are 40x30 or smaller
+    folder = tmp_path / "m"
+    folder.mkdir()
+    cases = {
+        "zero_byte_image": ({"jpg": b"", "txt": b"a circle"}, "bad_image"),
+        "one_pixel": ({"png": png_bytes(size=(1, 1)), "txt": b"a circle"}, None),
+        "bomb": ({"png": png_bytes(size=(40, 40)), "txt": b"a circle"}, "bad_image"),  # 1600 px: PIL only warns
+        "bomb2": ({"png": png_bytes(size=(60, 60)), "txt": b"a circle"}, "bad_image"),  # 3600 px: PIL raises
+        "cmyk": ({"jpg": _jpeg("CMYK"), "txt": b"a circle"}, None),
+        "sixteen_bit": ({"png": png_bytes("I;16", (20, 20), 30000), "txt": b"a circle"}, None),
+        "palette": ({"png": png_bytes("P", (20, 20), 3), "txt": b"a circle"}, None),
+        "rgba": ({"png": png_bytes("RGBA", (20, 20), (1, 2, 3, 100)), "txt": b"a circle"}, None),
+        "empty_caption": ({"jpg": jpg_bytes(), "txt": b""}, "empty_caption"),
+        "space_caption": ({"jpg": jpg_bytes(), "txt": b" \n\t "}, "empty_caption"),
+        "long_caption": (_ok(b"red circle " * 9000), None),  # ~100k characters, truncated to max_length
+        "latin1_caption": (_ok("a caf\xe9 circle".encode("latin-1")), "caption_not_utf8"),
+        "no_txt": ({"jpg": jpg_bytes()}, "missing_field"),
+        "no_image": ({"txt": b"a circle"}, "missing_field"),
+        "bad_json": ({**_ok(), "json": b"{not json"}, "bad_json"),
+        "dotted.key.v2": (_ok(), None),
+    }
+    _raw_shard(folder / "00000.tar", [(k, f) for k, (f, _) in cases.items()])
+    _raw_shard(folder / "00001.tar", [("single", _ok())])  # a 1-sample shard
+    dm = make_dm({"predict": str(folder)}, tokenizer_dir, max_length=32, num_workers=4)  # more workers than shards
+    batches = list(dm.predict_dataloader())
+    read = [k for b in batches for k in b["keys"]]
+    expected_read = {k for k, (_, r) in cases.items() if r in (None, "caption_not_utf8")} | {"single"}
+    assert sorted(read) == sorted(expected_read), (dm.counter.totals(), dm.counter.notes())
+    totals, notes = dm.counter.totals(), dm.counter.notes()
+    for reason in ("bad_image", "empty_caption", "missing_field", "bad_json"):
+        assert totals[reason] == sum(r == reason for _, r in cases.values()), reason
+    assert totals["corrupt_shard"] == 0 and notes["caption_not_utf8"] == 1
+    assert notes["read"] + dm.counter.skipped_samples() == len(cases) + 1
+    assert dm.counter.report().startswith(f"Data: {len(read)} samples read, {len(cases) + 1 - len(read)} skipped")
+    ids = {k: n for b in batches for k, n in zip(b["keys"], b["attention_mask"].sum(1).tolist())}
+    assert ids["long_caption"] == 32
+    captions = {k: c for b in batches for k, c in zip(b["keys"], b["captions"])}
+    assert "\ufffd" in captions["latin1_caption"]
+    images = {k: im for b in batches for k, im in zip(b["keys"], b["images"])}
+    assert images["one_pixel"].shape == (3, 32, 32)
+
+
+def _jpeg(mode):
+    buf = io.BytesIO()
+    Image.new(mode, (20, 20), (0, 255, 255, 0) if mode == "CMYK" else 0).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("cut", ["in_data", "at_header", "in_header"])
+def test_a_cut_tar_is_counted_wherever_it_was_cut(tmp_path, tokenizer_dir, cut):
+    import tarfile
+
+    write_img2dataset_shards(tmp_path / "w", 1, 4, stats=False)
+    data = (tmp_path / "w" / "00000.tar").read_bytes()
+    with tarfile.open(tmp_path / "w" / "00000.tar") as tar:
+        members = tar.getmembers()
+    third = members[6]  # the first file of the third sample
+    at = {"in_data": third.offset_data + 10, "at_header": third.offset, "in_header": third.offset + 100}[cut]
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "00000.tar").write_bytes(data[:at])
+    dm = make_dm({"predict": str(folder)}, tokenizer_dir)
+    read = keys_of(dm.predict_dataloader())
+    assert len(read) == 2  # the two whole samples before the cut
+    assert dm.counter.totals()["corrupt_shard"] == 1, cut

@@ -15,6 +15,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +31,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SKIP_REASONS = ("corrupt_shard", "bad_image", "empty_caption", "missing_field", "bad_json")
+#: Counted but kept: samples read (``read``), captions whose bytes were not UTF-8 (decoded with
+#: replacement characters).
+NOTE_REASONS = ("read", "caption_not_utf8")
 RESIZE_MODES = ("center_crop", "resize", "pad", "none")
 _MAX_WORKERS = 256
 _LOG_FIRST = 3
@@ -39,30 +44,45 @@ class SkipCounter:
     """Counts skipped samples per reason across DataLoader workers (one shared-memory row each)."""
 
     def __init__(self) -> None:
-        self.table = torch.zeros(_MAX_WORKERS + 1, len(SKIP_REASONS), dtype=torch.int64)
+        self.table = torch.zeros(_MAX_WORKERS + 1, len(SKIP_REASONS) + len(NOTE_REASONS), dtype=torch.int64)
         self.table.share_memory_()
 
     def add(self, reason: str, where: str, err: object = "") -> None:
-        """Count one skipped sample (or shard) and log the first few of each reason."""
+        """Count one skipped sample (or shard, for ``corrupt_shard``) and log the first few of each
+        reason; a ``NOTE_REASONS`` reason counts a kept sample."""
         info = get_worker_info()
         row = 0 if info is None else info.id + 1
-        col = SKIP_REASONS.index(reason)
+        col = (SKIP_REASONS + NOTE_REASONS).index(reason)
         self.table[row, col] += 1
-        if int(self.table[row, col]) <= _LOG_FIRST:
-            log.warning("skipped (%s) %s: %s", reason, where, err)
+        if reason != "read" and int(self.table[row, col]) <= _LOG_FIRST:
+            log.warning("%s (%s) %s: %s", "kept" if reason in NOTE_REASONS else "skipped", reason, where, err)
 
     def totals(self) -> dict[str, int]:
         """Skips per reason, summed over workers."""
         sums = self.table.sum(0).tolist()
-        return dict(zip(SKIP_REASONS, sums, strict=True))
+        return dict(zip(SKIP_REASONS, sums[: len(SKIP_REASONS)], strict=True))
+
+    def notes(self) -> dict[str, int]:
+        """Kept samples: ``read`` (every sample decoded and passed on) and repairs, summed over workers."""
+        sums = self.table.sum(0).tolist()
+        return dict(zip(NOTE_REASONS, sums[len(SKIP_REASONS):], strict=True))
+
+    def skipped_samples(self) -> int:
+        """Samples skipped (a corrupt shard counts once as a shard, not as samples)."""
+        return sum(v for k, v in self.totals().items() if k != "corrupt_shard")
 
     def report(self) -> str:
-        """One line summarising skipped input, or an empty string when nothing was skipped."""
-        totals = {k: v for k, v in self.totals().items() if v}
+        """One line summarising skipped and repaired input, or '' when there was none: the run's
+        data report (read + skipped samples = the samples of the shards read to their end)."""
+        totals = {k: v for k, v in {**self.totals(), **self.notes()}.items() if v and k != "read"}
         if not totals:
             return ""
         parts = ", ".join(f"{v} {k}" for k, v in totals.items())
-        return f"Skipped bad input: {parts} (the warnings above name the first keys and shards)."
+        return (f"{self.summary()}; bad input: {parts} (the warnings above name the first keys and shards).")
+
+    def summary(self) -> str:
+        """``Data: N samples read, M skipped``."""
+        return f"Data: {self.notes()['read']} samples read, {self.skipped_samples()} skipped"
 
 
 # --------------------------------------------------------------------------- images
@@ -132,12 +152,17 @@ class SampleDecoder:
     def parse(self, raw: dict[str, Any]) -> dict[str, Any] | None:
         """Everything but the pixels: caption, ids, meta, weights, and the image's encoded bytes
         (``image_bytes``) when images are wanted; None (counted) when the sample is bad."""
+        raw = _fields_by_extension(raw)
         key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
         where = f"{key} in {url}"
         if "txt" not in raw:
             self.counter.add("missing_field", where, "no txt caption")
             return None
-        caption = raw["txt"].decode("utf-8", errors="replace").strip()
+        try:
+            caption = raw["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError as err:
+            self.counter.add("caption_not_utf8", where, err)
+            caption = raw["txt"].decode("utf-8", errors="replace").strip()
         if not caption:
             self.counter.add("empty_caption", where, "empty caption")
             return None
@@ -170,16 +195,37 @@ class SampleDecoder:
         (counted) when the bytes are not a usable image."""
         data = sample.pop("image_bytes", None)
         if data is None:
+            self.counter.add("read", "")
             return sample
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                rgb = resize_image(to_rgb(img), self.image_size, self.resize)
+            with warnings.catch_warnings():
+                # above PIL's pixel limit it only warns (and decodes, taking the memory): refuse it
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as img:
+                    img.load()
+                    rgb = resize_image(to_rgb(img), self.image_size, self.resize)
         except Exception as err:  # PIL raises many types for bad bytes (and DecompressionBombError)
             self.counter.add("bad_image", f"{sample['key']} in {sample['url']}", err)
             return None
         sample["image"] = image_to_tensor(rgb)
+        self.counter.add("read", "")
         return sample
+
+
+def _fields_by_extension(raw: dict[str, Any]) -> dict[str, Any]:
+    """A sample whose key has dots (``a.v2.jpg``: WebDataset splits at the first dot, giving key
+    ``a`` and fields ``v2.jpg``, ``v2.txt``) gets its fields back under their last extension and
+    the dotted part back in its key."""
+    fields = [k for k in raw if not k.startswith("__")]
+    if not fields or all("." not in k for k in fields):
+        return raw
+    heads = {k.rsplit(".", 1)[0] for k in fields if "." in k}
+    if len(heads) != 1 or any("." not in k for k in fields):
+        return raw
+    fixed = {k: v for k, v in raw.items() if k.startswith("__")}
+    fixed["__key__"] = f"{raw.get('__key__', '')}.{heads.pop()}"
+    fixed.update({k.rsplit(".", 1)[1]: v for k, v in raw.items() if not k.startswith("__")})
+    return fixed
 
 
 # --------------------------------------------------------------------------- streams
@@ -223,6 +269,25 @@ def raw_samples(urls: Sequence[str], counter: SkipCounter) -> Iterator[dict[str,
             return False  # stop reading this shard
 
         yield from wds.tarfile_to_samples(handler=handler)(iter([{"url": url}]))
+        if not failed and not _ends_like_a_tar(url):
+            counter.add("corrupt_shard", url, "the file ends without the tar end-of-archive blocks: it was cut "
+                        "at or inside a header, so its last samples are lost")
+
+
+def _ends_like_a_tar(url: str) -> bool:
+    """Whether a local tar ends as a whole tar does: a multiple of 512 bytes, the last 1024 of
+    them zero (end of archive). A tar cut at or inside a member header reads as a shorter tar
+    without error; this tells it apart. Remote shards are not checked."""
+    if "://" in url or url.startswith("pipe:"):
+        return True
+    try:
+        size = os.path.getsize(url)
+        with open(url, "rb") as f:
+            f.seek(max(size - 1024, 0))
+            tail = f.read()
+    except OSError:
+        return True  # the reader has already counted a file that cannot be opened
+    return size % 512 == 0 and size >= 1024 and not any(tail)
 
 
 class ShardStream(IterableDataset):
