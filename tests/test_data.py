@@ -314,3 +314,11 @@ def test_a_cut_tar_is_counted_wherever_it_was_cut(tmp_path, tokenizer_dir, cut):
     read = keys_of(dm.predict_dataloader())
     assert len(read) == 2  # the two whole samples before the cut
     assert dm.counter.totals()["corrupt_shard"] == 1, cut
+
+
+def test_pipe_shard_specs_are_refused_unless_allowed(tmp_path, tokenizer_dir):
+    write_img2dataset_shards(tmp_path / "s", 1, 4)
+    spec = f"pipe:cat {tmp_path / 's' / '00000.tar'}"
+    with pytest.raises(ValueError, match=r"shell command.*data.allow_pipe=true"):
+        make_dm({"predict": spec}, tokenizer_dir).predict_dataloader()
+    assert len(keys_of(make_dm({"predict": spec}, tokenizer_dir, allow_pipe=True).predict_dataloader())) == 4

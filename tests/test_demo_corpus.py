@@ -146,12 +146,23 @@ def test_regeneration_removes_stale_shards(tmp_path):
     generate_corpus(tiny(splits={"val": {"num_samples": 8, "num_shards": 4}}), tmp_path)
     generate_corpus(tiny(splits={"val": {"num_samples": 8, "num_shards": 2}}), tmp_path)
     assert sorted(p.name for p in (tmp_path / "val").iterdir()) == [
+        ".prior-demo-data.json",
         "00000.tar",
         "00000_stats.json",
         "00001.tar",
         "00001_stats.json",
         "manifest.json",
     ]
+
+
+def test_regeneration_refuses_to_delete_or_mix_in_shards_it_did_not_write(tmp_path):
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "00003.tar").write_bytes(b"someone else's shard")
+    (tmp_path / "val" / "00000.tar").write_bytes(b"and another")
+    with pytest.raises(FileExistsError, match=r"2 shard\(s\) that prior-demo-data did not write \(00000.tar, 00003.tar\)"):
+        generate_corpus(tiny(splits={"val": {"num_samples": 8, "num_shards": 2}}), tmp_path)
+    assert (tmp_path / "val" / "00003.tar").read_bytes() == b"someone else's shard"
+    assert (tmp_path / "val" / "00000.tar").read_bytes() == b"and another"
 
 
 def test_config_rejects_what_the_generator_cannot_do():

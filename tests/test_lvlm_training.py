@@ -283,3 +283,26 @@ def test_non_finite_checkpoints_and_exports_are_refused(demo, tmp_path):
     trainer = L.Trainer(logger=False, enable_checkpointing=False)
     with pytest.raises(NonFiniteError, match="Refusing to checkpoint step 0"):
         NonFiniteGuard().on_save_checkpoint(trainer, model, {"state_dict": model.state_dict()})
+
+
+def test_checkpoint_retention_is_bounded_by_default(tmp_path):
+    """The default callbacks keep the newest 3 periodic checkpoints beside last.ckpt."""
+    cfg = compose_config("train_lvlm", tmp_path, ["checkpoint_every=1"])
+    checkpoint = instantiate(cfg.callbacks.model_checkpoint)
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(2))
+
+        def training_step(self, batch, batch_idx):
+            return (self.w * batch).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    loader = torch.utils.data.DataLoader(torch.ones(8, 2), batch_size=1)
+    L.Trainer(max_steps=7, callbacks=[checkpoint], logger=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(Tiny(), loader)
+    kept = sorted(p.name for p in Path(cfg.callbacks.model_checkpoint.dirpath).iterdir())
+    assert kept == ["last.ckpt", "step000005.ckpt", "step000006.ckpt", "step000007.ckpt"]

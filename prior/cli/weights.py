@@ -26,6 +26,7 @@ def compute_weights(cfg: DictConfig) -> dict[str, float]:
         max_length=cfg.max_length,
         num_workers=cfg.num_workers,
         sidecar_dir=cfg.sidecar_dir,
+        allow_pipe=bool(cfg.get("allow_pipe", False)),
     )
     start = time.time()
     if data.todo:

@@ -136,6 +136,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         with_weights: bool = False,
         sidecar_dir: str | None = None,
         reshard_on_resume: bool = False,
+        allow_pipe: bool = False,
     ) -> None:
         super().__init__()
         unknown = set(shards) - set(SPLITS)
@@ -157,6 +158,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         self.with_weights = with_weights
         self.sidecar_dir = sidecar_dir
         self.reshard_on_resume = reshard_on_resume
+        self.allow_pipe = allow_pipe
         self.counter = SkipCounter()
         self.tokenizer = load_tokenizer(tokenizer)
         self.pad_id = special_ids(self.tokenizer)[2]
@@ -173,7 +175,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
                 f"No shards configured for split {split!r}: set data.shards.{split} to a folder, "
                 "brace pattern or list of shards."
             )
-        return resolve_shards(self.shard_specs[split])
+        return resolve_shards(self.shard_specs[split], allow_pipe=self.allow_pipe)
 
     def decoder(self, shards: ShardSet, split: str) -> SampleDecoder:
         """The sample decoder of a split; joins train/val weights (checking every sidecar first)."""

@@ -58,6 +58,7 @@ class ScoringData(L.LightningDataModule):
         max_length: int = 256,
         num_workers: int = 0,
         sidecar_dir: str | None = None,
+        allow_pipe: bool = False,
     ) -> None:
         super().__init__()
         self.tokenizer = load_tokenizer(tokenizer)
@@ -67,7 +68,7 @@ class ScoringData(L.LightningDataModule):
         self.num_workers = num_workers
         self.sidecar_dir = sidecar_dir
         self.counter = SkipCounter()
-        self.all_urls = list(resolve_shards(shards).urls)
+        self.all_urls = list(resolve_shards(shards, allow_pipe=allow_pipe).urls)
         if len(set(map(lambda u: sidecar_path(u, sidecar_dir), self.all_urls))) != len(self.all_urls):
             raise ValueError(f"Some of the {len(self.all_urls)} shards are listed twice; list each once.")
         self.todo = [u for u in self.all_urls if not self.done(u)]

@@ -27,11 +27,12 @@ class ShardSet:
         return len(self.urls)
 
 
-def resolve_shards(spec: str | Path | list[str]) -> ShardSet:
+def resolve_shards(spec: str | Path | list[str], *, allow_pipe: bool = False) -> ShardSet:
     """Expand a shard spec into a ShardSet.
 
     ``spec`` is a folder of ``*.tar`` shards, a brace pattern (``data/train/{00000..00009}.tar``,
-    local paths or URLs) or a list of either. Sample counts come from the folder's
+    local paths or URLs) or a list of either; ``pipe:`` specs (a shell command) only with
+    ``allow_pipe``. Sample counts come from the folder's
     ``manifest.json`` (the demo corpus) or img2dataset's per-shard ``*_stats.json``.
     """
     items = [spec] if isinstance(spec, (str, Path)) else list(spec)
@@ -50,6 +51,12 @@ def resolve_shards(spec: str | Path | list[str]) -> ShardSet:
             urls.extend(braceexpand.braceexpand(item))
     if not urls:
         raise ValueError(f"Shard spec {spec!r} expands to no shards.")
+    piped = [u for u in urls if u.startswith("pipe:")]
+    if piped and not allow_pipe:
+        raise ValueError(
+            f"Shard {piped[0]} is a `pipe:` spec: WebDataset runs it as a shell command. Set "
+            "data.allow_pipe=true (stage 2: allow_pipe=true) if you wrote it yourself, or give paths or URLs."
+        )
     for url in urls:
         if "://" not in url and not url.startswith("pipe:") and not Path(url).exists():
             raise FileNotFoundError(

@@ -601,6 +601,34 @@ def _write_shard(task: tuple[CorpusConfig, str, int, int, str]) -> tuple[str, in
     return split, shard, num_samples
 
 
+OWNED = ".prior-demo-data.json"  # the shards this generator wrote (or is writing) in a split folder
+
+
+def _claim(split_dir: Path, num_shards: int) -> None:
+    """Take a split folder for ``num_shards`` shards: refuse when it holds shards this generator did
+    not write (they would be read as part of the corpus, and are not ours to delete); delete our
+    own shards beyond ``num_shards`` with their stats and sidecars."""
+    owned: set[str] = set()
+    if (split_dir / OWNED).exists():
+        owned |= set(json.loads((split_dir / OWNED).read_text())["shards"])
+    if (split_dir / "manifest.json").exists():
+        owned |= {s["name"] for s in json.loads((split_dir / "manifest.json").read_text()).get("shards", [])}
+    foreign = sorted(p.name for p in split_dir.glob("*.tar") if p.name not in owned)
+    if foreign:
+        raise FileExistsError(
+            f"{split_dir} holds {len(foreign)} shard(s) that prior-demo-data did not write ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); it deletes nothing it did not write. Choose another "
+            "out_dir, or move those files away."
+        )
+    new = {f"{i:05d}.tar" for i in range(num_shards)}
+    _write_json(split_dir / OWNED, {"shards": sorted(owned | new)})
+    for name in sorted(owned - new):
+        stem = name[: -len(".tar")]
+        for stale in (name, f"{stem}_stats.json", f"{stem}.prior.npz"):
+            (split_dir / stale).unlink(missing_ok=True)
+    _write_json(split_dir / OWNED, {"shards": sorted(new)})
+
+
 def generate_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike) -> dict:
     """Write every split of ``cfg`` under ``out_dir``; return the per-split counts and seconds."""
     start = time.perf_counter()
@@ -609,10 +637,8 @@ def generate_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike) -> dict:
     for split, spec in cfg.splits.items():
         split_dir = out / split
         split_dir.mkdir(parents=True, exist_ok=True)
+        _claim(split_dir, spec.num_shards)
         (split_dir / "manifest.json").unlink(missing_ok=True)  # a split without one is incomplete
-        for stale in split_dir.glob("[0-9][0-9][0-9][0-9][0-9]*"):
-            if int(stale.name[:5]) >= spec.num_shards:
-                stale.unlink()
         tasks += [
             (cfg, split, shard, n, str(split_dir)) for shard, n in enumerate(_shard_sizes(spec))
         ]
