@@ -98,6 +98,11 @@ def _need(value: Tensor | None, what: str, scheme: str) -> Tensor:
     return value
 
 
+def _no_weights(x: WeightInputs, k: Mapping[str, Any]) -> None:
+    """NTP: no weights (a named function, so a weighting pickles into ddp_spawn processes)."""
+    return None
+
+
 def _prior(x: WeightInputs, k: Mapping[str, Any]) -> Tensor:
     w = token_weights(_need(x.ref_logprobs, "ref_logprobs", "prior"), k["alpha"])
     return _floored(w, k["floor"])
@@ -143,7 +148,7 @@ _REF = {**_COMMON, "reference": None}
 SCHEMES: dict[str, Scheme] = {
     s.name: s
     for s in (
-        Scheme("ntp", lambda x, k: None, frozenset(), dict(_COMMON), "plain next-token prediction"),
+        Scheme("ntp", _no_weights, frozenset(), dict(_COMMON), "plain next-token prediction"),
         Scheme("prior", _prior, frozenset({"reference"}), {**_REF, "alpha": 1.0, "floor": 0.0},
                "(1 - P_ref) ** alpha from the stage-2 sidecars"),
         Scheme("prior_online", _prior, frozenset({"reference"}), {**_REF, "alpha": 1.0, "floor": 0.0},

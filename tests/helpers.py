@@ -91,3 +91,39 @@ class PauseAt(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
         if trainer.global_step == self.step:
             time.sleep(self.seconds)
+
+
+class RecordSteps(L.Callback):
+    """Saves, per rank, the keys of every training batch, the initial parameters (rank 0) and the
+    batch and normalised gradients of the first step, to ``<out>/rank<r>.pt``."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.keys, self.first = out, [], None
+
+    def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102
+        self.initial = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        import torch
+
+        self.keys.append(list(batch["keys"]))
+        if self.first is None:
+            grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+            self.first = {"batch": {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}, "grads": grads}
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: D102
+        import torch
+
+        torch.save({"keys": self.keys, "initial": self.initial, **self.first},
+                   f"{self.out}/rank{trainer.global_rank}.pt")
+
+
+class FailOnRank(L.Callback):
+    """Raises on one rank at its first training step (a rank that hits bad data)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
+        if trainer.global_rank == self.rank:
+            raise RuntimeError(f"rank {self.rank} failed on purpose")

@@ -306,3 +306,50 @@ def test_checkpoint_retention_is_bounded_by_default(tmp_path):
               enable_model_summary=False).fit(Tiny(), loader)
     kept = sorted(p.name for p in Path(cfg.callbacks.model_checkpoint.dirpath).iterdir())
     assert kept == ["last.ckpt", "step000005.ckpt", "step000006.ckpt", "step000007.ckpt"]
+
+
+def _pad_cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Two right-padded [B, T, ...] tensors stacked into one batch padded to the longer T."""
+    if a.ndim < 2 or a.shape[1:] == b.shape[1:]:
+        return torch.cat([a, b])
+    t = max(a.shape[1], b.shape[1])
+    pad = lambda x: torch.nn.functional.pad(x, (0, t - x.shape[1]))  # noqa: E731
+    return torch.cat([pad(a), pad(b)])
+
+
+def test_ddp_ranks_read_disjoint_data_and_match_one_process_with_twice_the_batch(demo, tmp_path):
+    """2 gloo ranks x 2 workers x batch 8: disjoint samples on every step, and the first step's
+    normalised gradients equal one process's over the union batch of 16 (per-caption PRIOR)."""
+    out = tmp_path / "rec"
+    out.mkdir()
+    cfg = lvlm_cfg(demo, "loss=prior", "trainer=ddp_cpu", "trainer.max_steps=3", "trainer.val_check_interval=1000",
+                   "trainer.limit_val_batches=0", "trainer.gradient_clip_val=null", "data.batch_size=8",
+                   "data.num_workers=2", "~callbacks.sample_table", f"paths.output_dir={tmp_path / 'run'}",
+                   f"export_dir={tmp_path / 'export'}", "+callbacks.record._target_=tests.helpers.RecordSteps",
+                   f"+callbacks.record.out={out}")
+    train_lvlm(cfg)
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    seen0, seen1 = ({k for step in r["keys"] for k in step} for r in (r0, r1))
+    assert len(r0["keys"]) == len(r1["keys"]) == 3 and len(seen0) == len(seen1) == 24
+    assert not seen0 & seen1
+    model = instantiate(cfg.model, _recursive_=False)
+    model.load_state_dict(r0["initial"])
+    batch = {k: _pad_cat(r0["batch"][k], r1["batch"][k]) for k in r0["batch"]}
+    r = model._losses(batch)
+    r["objective_sum"].backward()
+    for name, p in model.named_parameters():
+        if name in r0["grads"]:
+            single = p.grad / r["tokens"]
+            assert torch.allclose(r0["grads"][name], single, rtol=1e-4, atol=1e-7), name
+            assert torch.equal(r0["grads"][name], r1["grads"][name]), name
+
+
+def test_a_failing_rank_brings_the_job_down_with_its_error(demo, tmp_path):
+    cfg = lvlm_cfg(demo, "loss=ntp", "trainer=ddp_cpu", "trainer.max_steps=3", "trainer.limit_val_batches=0",
+                   f"paths.output_dir={tmp_path / 'run'}", f"export_dir={tmp_path / 'export'}",
+                   "+callbacks.fail._target_=tests.helpers.FailOnRank", "+callbacks.fail.rank=1")
+    start = time.time()
+    with pytest.raises(Exception, match="rank 1 failed on purpose"):
+        train_lvlm(cfg)
+    assert time.time() - start < 120  # not the process group's 30-minute timeout
+    assert not (tmp_path / "export").exists()

@@ -23,26 +23,28 @@ class TokenLossModule(L.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self._window_tokens = torch.zeros((), dtype=torch.float64)
+        # A Python number, not a tensor: ddp_spawn pickles the module into every process, and a
+        # tensor attribute would travel as shared memory, one counter for all ranks.
+        self._window_tokens = 0.0
         self.last_loss: torch.Tensor | None = None
 
     def token_sum_objective(self, loss_sum: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
         """What ``training_step`` returns for a micro-batch whose per-token losses sum to
         ``loss_sum`` over ``num_tokens`` loss tokens; gradients are normalised at the step."""
-        self._window_tokens += num_tokens.detach().double().cpu()
+        self._window_tokens += float(num_tokens.detach())
         self.last_loss = loss_sum.detach() / num_tokens.clamp(min=1)  # named by NonFiniteGuard
         # Lightning divides by accumulate_grad_batches and DDP averages over ranks: undo both.
         return loss_sum * (self.trainer.accumulate_grad_batches * self.trainer.world_size)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        tokens = self._window_tokens.to(self.device)
+        tokens = torch.tensor(self._window_tokens, dtype=torch.float64, device=self.device)
         tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
         scale = 1.0 / max(float(tokens), 1.0)
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     p.grad.mul_(scale)
-        self._window_tokens.zero_()
+        self._window_tokens = 0.0
 
     def configure_optimizers(self) -> Any:
         """AdamW-style optimizer and optional step-wise scheduler from ``hparams``.
