@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from prior.data.pipeline import SKIP_REASONS
+from prior.strategies import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -150,19 +151,27 @@ class SampleTable(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
         step = trainer.global_step
         wb = _wandb(trainer)
-        if wb is None or "images" not in batch or not trainer.is_global_zero or step % self.every_n_steps:
+        if wb is None or "images" not in batch or step % self.every_n_steps:
+            return
+        if is_sharded(trainer.strategy):
+            # sharded parameters: every rank joins the forward passes, on rank 0's samples (greedy
+            # decoding of the same inputs stops at the same step everywhere)
+            batch = trainer.strategy.broadcast(_head(batch, self.num_samples), src=0)
+        elif not trainer.is_global_zero:
+            return
+        rows = self.rows(pl_module, batch)
+        if not trainer.is_global_zero:
             return
         import wandb
 
         table = wandb.Table(columns=["image", "caption (shaded by weight)", "generated"])
-        for image, shaded, generated in self.rows(pl_module, batch):
+        for image, shaded, generated in rows:
             table.add_data(wandb.Image(image.permute(1, 2, 0).cpu().numpy()), wandb.Html(shaded), generated)
         wb.experiment.log({"samples": table, "trainer/global_step": step})
 
     def rows(self, pl_module: L.LightningModule, batch: dict[str, Any]) -> list[tuple[torch.Tensor, str, str]]:
         """(image, caption HTML shaded by weight, greedy caption) for the first samples of a batch."""
-        n = min(self.num_samples, batch["images"].shape[0])
-        head = {k: v[:n] if hasattr(v, "__getitem__") else v for k, v in batch.items()}
+        head = _head(batch, self.num_samples)
         mask = head.get("image_mask")
         was_training = pl_module.model.training
         pl_module.model.eval()
@@ -172,7 +181,7 @@ class SampleTable(L.Callback):
         weights = (raw / max(float(raw.max()), 1.0)).tolist() if raw is not None else None
         tok = pl_module.tokenizer
         rows = []
-        for i in range(n):
+        for i in range(head["images"].shape[0]):
             length = int(head["attention_mask"][i].sum())
             ids = head["input_ids"][i, 1:length].tolist()
             shaded = weighted_caption_html(tok, ids, weights[i][: len(ids)] if weights else [0.0] * len(ids))
@@ -182,6 +191,12 @@ class SampleTable(L.Callback):
 
 class NonFiniteError(RuntimeError):
     """A loss, gradient or parameter became NaN or infinite."""
+
+
+def _head(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    """The first ``n`` samples of a batch."""
+    n = min(n, batch["images"].shape[0])
+    return {k: v[:n] if hasattr(v, "__getitem__") else v for k, v in batch.items()}
 
 
 def non_finite_tensors(tensors: dict[str, Any]) -> list[str]:

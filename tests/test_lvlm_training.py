@@ -353,3 +353,29 @@ def test_a_failing_rank_brings_the_job_down_with_its_error(demo, tmp_path):
         train_lvlm(cfg)
     assert time.time() - start < 120  # not the process group's 30-minute timeout
     assert not (tmp_path / "export").exists()
+
+
+def test_trained_bf16_parameters_get_fp32_master_weights(demo):
+    cfg = lvlm_cfg(demo, "loss=ntp", "llm.dtype=bfloat16", "backbone.train=[projector,llm]")
+    model = instantiate(cfg.model, _recursive_=False)
+    llm = dict(model.model.llm.named_parameters())
+    assert {p.dtype for p in llm.values()} == {torch.bfloat16}
+    frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad}
+    model.setup("fit")
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad} == frozen
+
+
+def test_fsdp_policy_wraps_decoder_layers_and_vit_blocks(demo):
+    from prior.strategies import layer_policy
+
+    cfg = compose_config("train_lvlm", demo.root, ["trainer=fsdp", "backbone=visual_encoder", *FAST[:2]])
+    assert cfg.trainer.strategy._target_ == "prior.strategies.fsdp_strategy"
+    model = instantiate(lvlm_cfg(demo, "loss=ntp", backbone="visual_encoder").model, _recursive_=False)
+    policy = layer_policy(cfg.trainer.strategy.wrap_layers)
+    wrapped = {type(m).__name__ for m in model.modules() if policy(m, recurse=False, nonwrapped_numel=0)}
+    assert wrapped == {"LlamaDecoderLayer", "Block"}
+    assert policy(model, recurse=True, nonwrapped_numel=0)
+    import pickle
+
+    assert pickle.loads(pickle.dumps(policy))(model.model.llm.model.layers[0], recurse=False, nonwrapped_numel=0)

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from prior.callbacks import NonFiniteError, non_finite_tensors
 from prior.cli._hydra import CONF_DIR
 from prior.config import to_plain
+from prior.strategies import full_state_dict, is_sharded
 from prior.weighting import build_weighting
 from prior.loggers import finish_runs, remember_run_ids
 
@@ -139,10 +140,27 @@ def export_atomically(model: L.LightningModule, folder: str | Path) -> Path:
     return folder
 
 
+def unsharded_copy(cfg: DictConfig, state: dict[str, Any]) -> L.LightningModule:
+    """A fresh ``cfg.model`` holding ``state`` (a gathered full state dict); an error when a
+    trained parameter is missing from it."""
+    model = instantiate(cfg.model, _recursive_=False)
+    result = model.load_state_dict(state, strict=False)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(result.missing_keys) & trained)
+    if missing:
+        raise RuntimeError(f"The gathered state dict lacks {len(missing)} trained parameter(s) (first: {missing[0]}).")
+    return model
+
+
 def train_and_export(cfg: DictConfig, what: str) -> dict[str, float]:
     """``fit``, then (on rank 0) export ``model`` to ``cfg.export_dir`` atomically; the final
     logged metrics."""
     trainer, model, _ = fit(cfg)
+    if is_sharded(trainer.strategy):
+        # FSDP: gather the whole model to rank 0 (every rank joins) and export an unsharded copy
+        state = full_state_dict(trainer.strategy)
+        if trainer.is_global_zero:
+            model = unsharded_copy(cfg, state)
     if trainer.is_global_zero:
         print(f"{what} exported to {export_atomically(model, cfg.export_dir)}")
     return {k: float(v) for k, v in trainer.callback_metrics.items()}

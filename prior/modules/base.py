@@ -36,6 +36,15 @@ class TokenLossModule(L.LightningModule):
         # Lightning divides by accumulate_grad_batches and DDP averages over ranks: undo both.
         return loss_sum * (self.trainer.accumulate_grad_batches * self.trainer.world_size)
 
+    def setup(self, stage: str) -> None:
+        """Trained parameters loaded in bf16/fp16 (``llm.dtype``) get fp32 master weights, so the
+        optimizer never accumulates updates in 8 mantissa bits; bf16-mixed still computes in bf16,
+        and frozen parameters keep their low precision (the memory saving). A ``*-true`` precision
+        casts everything back when the strategy sets the model up."""
+        for p in self.parameters():
+            if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+                p.data = p.data.float()
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         tokens = torch.tensor(self._window_tokens, dtype=torch.float64, device=self.device)
         tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
