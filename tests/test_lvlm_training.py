@@ -169,6 +169,10 @@ def test_ckpt_path_last_auto_and_remote(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
     assert resolve_ckpt_path("last", tmp_path) == resolve_ckpt_path("auto", tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"
+    hpc.write_bytes(b"")
+    os.utime(hpc, (time.time() + 10, time.time() + 10))
+    assert resolve_ckpt_path("auto", tmp_path) == str(hpc)  # written on SIGUSR1 before a requeue
     with pytest.raises(ValueError, match="allow_remote_ckpt=true"):
         resolve_ckpt_path("https://example.invalid/last.ckpt", tmp_path)
     assert resolve_ckpt_path("s3://bucket/x.ckpt", tmp_path, allow_remote=True) == "s3://bucket/x.ckpt"

@@ -62,7 +62,8 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
 def resolve_ckpt_path(spec: str | None, output_dir: str | Path, *, allow_remote: bool = False) -> str | None:
     """The checkpoint a run resumes from.
 
-    ``last``: the run folder's own ``checkpoints/last.ckpt`` (name the folder with
+    ``last``: the run folder's own ``checkpoints/last.ckpt`` or, when newer, the ``hpc_ckpt_*.ckpt``
+    that Lightning writes there before a SLURM requeue (name the folder with
     ``hydra.run.dir=<run>``), an error when there is none; ``auto``: the same, or a fresh start
     when there is none (a requeued job that may not have checkpointed yet); a path: that file,
     which must exist; a URL: refused unless ``allow_remote_ckpt=true``, since a checkpoint is
@@ -72,8 +73,10 @@ def resolve_ckpt_path(spec: str | None, output_dir: str | Path, *, allow_remote:
     spec = str(spec)
     if spec in ("last", "auto"):
         last = Path(output_dir) / "checkpoints" / "last.ckpt"
-        if last.exists():
-            return str(last)
+        # Lightning's SLURM plugin writes hpc_ckpt_<n>.ckpt into the run folder on SIGUSR1 (requeue)
+        found = [p for p in [last, *Path(output_dir).glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+        if found:
+            return str(max(found, key=lambda p: p.stat().st_mtime))
         if spec == "auto":
             log.info("ckpt_path=auto: no %s yet, starting from step 0", last)
             return None
