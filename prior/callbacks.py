@@ -233,7 +233,7 @@ class NonFiniteGuard(L.Callback):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        norm = torch.nn.utils.get_total_norm(grads)  # one fused pass (foreach kernels where available)
         if bool(torch.isfinite(norm)):
             return
         loss = getattr(pl_module, "last_loss", None)
