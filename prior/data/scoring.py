@@ -69,7 +69,7 @@ class ScoringData(L.LightningDataModule):
         self.sidecar_dir = sidecar_dir
         self.counter = SkipCounter()
         self.all_urls = list(resolve_shards(shards, allow_pipe=allow_pipe).urls)
-        if len(set(map(lambda u: sidecar_path(u, sidecar_dir), self.all_urls))) != len(self.all_urls):
+        if len({sidecar_path(u, sidecar_dir) for u in self.all_urls}) != len(self.all_urls):
             raise ValueError(f"Some of the {len(self.all_urls)} shards are listed twice; list each once.")
         self.todo = [u for u in self.all_urls if not self.done(u)]
 
@@ -88,4 +88,4 @@ class ScoringData(L.LightningDataModule):
         )
         per_rank = len(self.todo) // world
         return DataLoader(ShardCaptions(self.todo, decoder, (rank, world)), batch_size=None,
-                          num_workers=min(self.num_workers, max(per_rank, 1) if per_rank else 0))
+                          num_workers=min(self.num_workers, per_rank))
