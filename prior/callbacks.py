@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from prior.data.pipeline import SKIP_REASONS
-from prior.strategies import is_sharded
+from prior.strategies import is_sharded, local_values, root_params_gathered
 
 log = logging.getLogger(__name__)
 
@@ -153,21 +153,28 @@ class SampleTable(L.Callback):
         wb = _wandb(trainer)
         if wb is None or "images" not in batch or step % self.every_n_steps:
             return
-        if is_sharded(trainer.strategy):
-            # sharded parameters: every rank joins the forward passes, on rank 0's samples (greedy
-            # decoding of the same inputs stops at the same step everywhere)
-            batch = trainer.strategy.broadcast(_head(batch, self.num_samples), src=0)
-        elif not trainer.is_global_zero:
-            return
-        rows = self.rows(pl_module, batch)
-        if not trainer.is_global_zero:
+        rows = self.collect(trainer, pl_module, batch)
+        if rows is None:
             return
         import wandb
 
         table = wandb.Table(columns=["image", "caption (shaded by weight)", "generated"])
         for image, shaded, generated in rows:
-            table.add_data(wandb.Image(image.permute(1, 2, 0).cpu().numpy()), wandb.Html(shaded), generated)
+            table.add_data(wandb.Image(image.permute(1, 2, 0).float().cpu().numpy()), wandb.Html(shaded), generated)
         wb.experiment.log({"samples": table, "trainer/global_step": step})
+
+    def collect(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                batch: dict[str, Any]) -> list[tuple[torch.Tensor, str, str]] | None:
+        """``rows`` of rank 0's batch on rank 0 (None elsewhere). Under a sharded strategy every
+        rank must call it: all join the forward passes, on rank 0's samples (greedy decoding of
+        the same inputs stops at the same step everywhere). Runs in the trainer's precision."""
+        if is_sharded(trainer.strategy):
+            batch = trainer.strategy.broadcast(_head(batch, self.num_samples), src=0)
+        elif not trainer.is_global_zero:
+            return None
+        with trainer.precision_plugin.forward_context(), root_params_gathered(trainer.strategy), torch.no_grad():
+            rows = self.rows(pl_module, batch)
+        return rows if trainer.is_global_zero else None
 
     def rows(self, pl_module: L.LightningModule, batch: dict[str, Any]) -> list[tuple[torch.Tensor, str, str]]:
         """(image, caption HTML shaded by weight, greedy caption) for the first samples of a batch."""
@@ -199,10 +206,17 @@ def _head(batch: dict[str, Any], n: int) -> dict[str, Any]:
     return {k: v[:n] if hasattr(v, "__getitem__") else v for k, v in batch.items()}
 
 
+def _all_ranks(trainer: L.Trainer, ok: bool, device: torch.device) -> bool:
+    """Whether ``ok`` holds on every rank (one all-reduce)."""
+    failed = torch.tensor(0.0 if ok else 1.0, device=device)
+    return float(trainer.strategy.reduce(failed, reduce_op="sum")) == 0.0
+
+
 def non_finite_tensors(tensors: dict[str, Any]) -> list[str]:
-    """Names of the floating-point tensors in ``tensors`` that hold a NaN or an infinity."""
-    return [k for k, v in tensors.items()
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    """Names of the floating-point tensors in ``tensors`` that hold a NaN or an infinity (of a
+    sharded checkpoint's entries, the shards this rank holds)."""
+    return [k for k, v in tensors.items() if isinstance(v, torch.Tensor)
+            and any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in local_values(v))]
 
 
 class NonFiniteGuard(L.Callback):
@@ -231,10 +245,13 @@ class NonFiniteGuard(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # noqa: D102
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
-            return
-        norm = torch.nn.utils.get_total_norm(grads)  # one fused pass (foreach kernels where available)
-        if bool(torch.isfinite(norm)):
+        norm = (torch.nn.utils.get_total_norm(grads) if grads  # one fused pass (foreach kernels where available)
+                else torch.zeros((), device=pl_module.device))
+        finite = bool(torch.isfinite(norm))
+        if is_sharded(trainer.strategy):
+            # each rank holds a shard of the gradients: all decide on whether any shard is non-finite
+            finite = _all_ranks(trainer, finite, pl_module.device)
+        if finite:
             return
         loss = getattr(pl_module, "last_loss", None)
         what = (f"non-finite gradient norm ({float(norm)}) at step {trainer.global_step}"
@@ -255,6 +272,8 @@ class NonFiniteGuard(L.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:  # noqa: D102
         bad = non_finite_tensors(checkpoint.get("state_dict", {}))
+        if is_sharded(trainer.strategy) and not _all_ranks(trainer, not bad, pl_module.device):
+            bad = bad or ["a parameter shard on another rank"]
         if bad:
             raise NonFiniteError(
                 f"Refusing to checkpoint step {trainer.global_step}: {len(bad)} parameter tensor(s) are not "

@@ -9,7 +9,8 @@ picklable (``functools.partial`` of a module-level function), so they also trave
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from fnmatch import fnmatch
 from functools import partial
 from typing import Any
@@ -58,3 +59,28 @@ def full_state_dict(strategy: Any) -> dict[str, Any]:
         return strategy.lightning_module_state_dict()
     finally:
         strategy._state_dict_type = saved
+
+
+@contextlib.contextmanager
+def root_params_gathered(strategy: Any) -> Iterator[None]:
+    """Run the LightningModule's submodules outside the training forward (generation in a callback):
+    under FSDP the root unit's own parameters (embeddings, projector, head) are gathered for the
+    block, and the wrapped layers gather theirs in their forward as usual. Every rank must enter
+    it. A no-op for unsharded strategies."""
+    if not is_sharded(strategy):
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(strategy.model, recurse=False, writeback=False):
+        yield
+
+
+def local_values(tensor: Any) -> list[Any]:
+    """The values this rank holds of a state-dict entry: a sharded checkpoint's ShardedTensor or
+    DTensor gives its local shards, a plain tensor itself."""
+    if hasattr(tensor, "local_shards"):
+        return [shard.tensor for shard in tensor.local_shards()]
+    if hasattr(tensor, "to_local"):
+        return [tensor.to_local()]
+    return [tensor]

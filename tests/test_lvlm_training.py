@@ -178,6 +178,11 @@ def test_ckpt_path_last_auto_and_remote(tmp_path):
     assert resolve_ckpt_path("s3://bucket/x.ckpt", tmp_path, allow_remote=True) == "s3://bucket/x.ckpt"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_ckpt_path(str(tmp_path / "nope.ckpt"), tmp_path)
+    # FSDP's sharded checkpoints are folders named like files
+    sharded = tmp_path / "sharded" / "checkpoints" / "last.ckpt"
+    sharded.mkdir(parents=True)
+    assert resolve_ckpt_path("last", tmp_path / "sharded") == str(sharded)
+    assert resolve_ckpt_path(str(sharded), tmp_path) == str(sharded)
 
 
 class _Linear(TokenLossModule):
@@ -287,6 +292,63 @@ def test_non_finite_checkpoints_and_exports_are_refused(demo, tmp_path):
     trainer = L.Trainer(logger=False, enable_checkpointing=False)
     with pytest.raises(NonFiniteError, match="Refusing to checkpoint step 0"):
         NonFiniteGuard().on_save_checkpoint(trainer, model, {"state_dict": model.state_dict()})
+
+
+class _ShardedStub:
+    """An FSDPStrategy as far as the callbacks and the module can tell, on one CPU process, whose
+    other (imagined) ranks report ``others`` to a sum all-reduce."""
+
+    def __new__(cls, others: float = 0.0, model=None):  # noqa: ANN204
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        class Stub(FSDPStrategy):
+            def reduce(self, tensor, group=None, reduce_op="mean"):  # noqa: ANN001, ANN202
+                assert reduce_op == "sum"
+                return tensor + others
+
+        strategy = Stub()
+        strategy._model = model
+        return strategy
+
+
+def test_under_fsdp_every_rank_stops_when_one_shard_of_the_gradients_is_not_finite():
+    """Under FSDP each rank holds a shard of the gradients; a non-finite shard on another rank stops
+    this one too (otherwise the ranks part ways and hang), and a finite step passes."""
+    from types import SimpleNamespace
+
+    from prior.callbacks import NonFiniteError, NonFiniteGuard
+
+    module = _Linear()
+    module.w.grad = torch.ones(3)
+    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+    NonFiniteGuard().on_before_optimizer_step(SimpleNamespace(strategy=_ShardedStub(0.0), global_step=3),
+                                             module, optimizer)
+    with pytest.raises(NonFiniteError, match="at step 3"):
+        NonFiniteGuard().on_before_optimizer_step(SimpleNamespace(strategy=_ShardedStub(1.0), global_step=3),
+                                                 module, optimizer)
+    with pytest.raises(NonFiniteError, match="Refusing to checkpoint step 3.*another rank"):
+        NonFiniteGuard().on_save_checkpoint(SimpleNamespace(strategy=_ShardedStub(1.0), global_step=3), module,
+                                            {"state_dict": module.state_dict()})
+
+
+def test_under_fsdp_gradient_clipping_uses_the_sharded_norm():
+    """Lightning refuses norm clipping under FSDP; the modules clip with FSDP's own
+    clip_grad_norm_ (which all-reduces the shards' norms) at trainer.gradient_clip_val."""
+    from types import SimpleNamespace
+
+    calls = []
+    wrapped = SimpleNamespace(clip_grad_norm_=lambda max_norm: calls.append(max_norm))
+    module = _Linear()
+    from lightning.pytorch.plugins.precision import Precision
+
+    module._trainer = SimpleNamespace(strategy=_ShardedStub(model=wrapped), gradient_clip_val=None,
+                                      gradient_clip_algorithm=None, precision_plugin=Precision())
+    module.configure_gradient_clipping(torch.optim.SGD(module.parameters(), lr=1.0), 1.0, "norm")
+    assert calls == [1.0]
+    module.configure_gradient_clipping(torch.optim.SGD(module.parameters(), lr=1.0), None, None)
+    assert calls == [1.0]  # clipping off
+    with pytest.raises(ValueError, match="use 'norm'"):
+        module.configure_gradient_clipping(torch.optim.SGD(module.parameters(), lr=1.0), 1.0, "value")
 
 
 def test_checkpoint_retention_is_bounded_by_default(tmp_path):

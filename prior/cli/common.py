@@ -74,7 +74,8 @@ def resolve_ckpt_path(spec: str | None, output_dir: str | Path, *, allow_remote:
     if spec in ("last", "auto"):
         last = Path(output_dir) / "checkpoints" / "last.ckpt"
         # Lightning's SLURM plugin writes hpc_ckpt_<n>.ckpt into the run folder on SIGUSR1 (requeue)
-        found = [p for p in [last, *Path(output_dir).glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+        # (a sharded FSDP checkpoint is a folder of that name)
+        found = [p for p in [last, *Path(output_dir).glob("hpc_ckpt_*.ckpt")] if p.exists()]
         if found:
             return str(max(found, key=lambda p: p.stat().st_mtime))
         if spec == "auto":
@@ -92,7 +93,7 @@ def resolve_ckpt_path(spec: str | None, output_dir: str | Path, *, allow_remote:
                 "copy it locally, or set allow_remote_ckpt=true if you trust its source."
             )
         return spec
-    if not Path(spec).is_file():
+    if not Path(spec).exists():  # a file, or the folder of a sharded FSDP checkpoint
         raise FileNotFoundError(f"ckpt_path={spec} does not exist.")
     return spec
 

@@ -16,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 
 from prior.config import to_plain
+from prior.strategies import is_sharded
 
 
 class TokenLossModule(L.LightningModule):
@@ -54,6 +55,17 @@ class TokenLossModule(L.LightningModule):
                 if p.grad is not None:
                     p.grad.mul_(scale)
         self._window_tokens = 0.0
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """``trainer.gradient_clip_val`` under every strategy: FSDP shards the gradients, so the norm
+        is FSDP's own (all ranks' shards together; Lightning's norm clipping refuses FSDP)."""
+        if gradient_clip_val and is_sharded(self.trainer.strategy):
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError(f"gradient_clip_algorithm={gradient_clip_algorithm!r} under FSDP: use 'norm'.")
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> Any:
         """AdamW-style optimizer and optional step-wise scheduler from ``hparams``.
