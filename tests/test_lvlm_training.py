@@ -421,6 +421,29 @@ def test_a_failing_rank_brings_the_job_down_with_its_error(demo, tmp_path):
     assert not (tmp_path / "export").exists()
 
 
+def test_a_failing_rank_under_the_subprocess_ddp_launcher_ends_the_job_with_its_error(demo, tmp_path):
+    """``strategy=ddp`` as on a cluster: Lightning re-runs the command line for rank 1, which raises
+    at its first step; the whole job (a subprocess here) exits non-zero within seconds, with rank
+    1's error, instead of rank 0 waiting out the process group's timeout."""
+    cmd = [sys.executable, "-m", "prior.cli.train_lvlm", "backbone=encoder_free", *FAST, "loss=ntp",
+           "trainer=ddp_cpu", "trainer.strategy=ddp", "trainer.max_steps=3", "trainer.limit_val_batches=0",
+           f"paths.root_dir={demo.root}", f"hydra.run.dir={tmp_path / 'run'}", f"export_dir={tmp_path / 'export'}",
+           "+callbacks.fail._target_=tests.helpers.FailOnRank", "+callbacks.fail.rank=1"]
+    start = time.time()
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # rank 0 and the rank it launched
+        output, _ = proc.communicate()
+        pytest.fail(f"the job outlived its failing rank:\n{output[-3000:]}")
+    assert proc.returncode != 0
+    assert "rank 1 failed on purpose" in output, output[-3000:]
+    assert time.time() - start < 120, output[-3000:]
+    assert not (tmp_path / "export").exists()
+
+
 def test_trained_bf16_parameters_get_fp32_master_weights(demo):
     cfg = lvlm_cfg(demo, "loss=ntp", "llm.dtype=bfloat16", "backbone.train=[projector,llm]")
     model = instantiate(cfg.model, _recursive_=False)
