@@ -21,6 +21,9 @@ tokens of the batch divided by their number, i.e. the token mean, as ``F.cross_e
 The cross-entropy is computed in (at least) fp32 whatever the logits dtype, by
 :class:`_ChunkedCrossEntropy`, which never materialises a full-size fp32 copy of the logits or
 a full-size (log-)softmax: with a 128k vocabulary the logits are the largest tensor of a step.
+:func:`linear_token_cross_entropy` goes one step further and takes the LM's final hidden states
+and output-embedding weight instead of logits, so the logits and their gradient never exist at
+full size at all.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ __all__ = [
     "CHUNK_BYTES",
     "NORMALISATIONS",
     "effective_weights",
+    "linear_token_cross_entropy",
     "prior_loss",
     "token_cross_entropy",
     "token_weights",
@@ -135,6 +139,153 @@ def token_cross_entropy(
     chunk = max(1, chunk_bytes // (vocab * compute_dtype.itemsize))
     ce = _ChunkedCrossEntropy.apply(logits, rows, cols, tgt, chunk)
     return ce.new_zeros(batch, length).index_put((rows, cols), ce)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The coefficient-weighted cross-entropy sum of ``hidden @ weight.T``, chunk by chunk over rows.
+
+    The output is a scalar, so its gradients are known up to one scalar factor as soon as the
+    softmax of a chunk is: forward computes them right away, chunk by chunk, and keeps only
+    ``grad_hidden`` ``[N, d]`` and ``grad_weight`` ``[V, d]``; backward scales them, in place.
+    Recomputing the logits in backward instead (as :class:`_ChunkedCrossEntropy` does) would cost
+    a fourth matmul of the head's size for no memory saved. Forward also returns the per-row
+    cross-entropy, which carries no gradient.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        coef: Tensor,
+        chunk: int,
+        compute_dtype: torch.dtype,
+        grad_enabled: bool,
+    ) -> tuple[Tensor, Tensor]:
+        acc_dtype = torch.promote_types(compute_dtype, torch.float32)
+        # `needs_input_grad` ignores grad mode, so no_grad (validation) is passed in explicitly.
+        need_hidden = grad_enabled and ctx.needs_input_grad[0]
+        need_weight = grad_enabled and ctx.needs_input_grad[1]
+        n = hidden.shape[0]
+        coef = coef.to(acc_dtype)
+        ce = torch.empty(n, dtype=acc_dtype, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
+        # The caller chose the matmul dtype (autocast's, if on); autocast must not cast again here.
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(compute_dtype)  # the weight itself when the dtypes agree
+            for s in range(0, n, chunk):
+                e = min(s + chunk, n)
+                h = hidden[s:e].to(compute_dtype)
+                # log_softmax upcasts inside its one kernel: no separate fp32 copy of the logits,
+                # and ce = lse - logit[target] = -logp[target], computed as F.cross_entropy does.
+                logp = torch.log_softmax(h @ w.T, dim=-1, dtype=acc_dtype)
+                ce[s:e] = logp.gather(1, targets[s:e, None]).squeeze(1).neg_()
+                if not (need_hidden or need_weight):
+                    continue
+                p = logp.exp_()  # the softmax
+                p.scatter_add_(1, targets[s:e, None], p.new_full((e - s, 1), -1.0))
+                if compute_dtype == acc_dtype:
+                    g = p.mul_(coef[s:e, None])
+                else:  # scaled and cast in one pass
+                    g = torch.mul(p, coef[s:e, None], out=torch.empty(p.shape, dtype=compute_dtype, device=p.device))
+                    del p, logp
+                if grad_hidden is not None:
+                    grad_hidden[s:e] = g @ w
+                if grad_weight is not None:
+                    if g.dtype == acc_dtype:
+                        grad_weight.addmm_(g.T, h)
+                    else:  # a low-precision matmul like nn.Linear's backward, summed over chunks in fp32
+                        grad_weight += g.T @ h
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.consumed = False
+        ctx.mark_non_differentiable(ce)
+        return (coef * ce).sum(), ce
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_objective: Tensor, grad_ce: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        # Scaling the saved gradients in place spares a [V, d] fp32 copy, at the price of
+        # retain_graph (torch's own chunked linear cross-entropy makes the same trade by default).
+        if ctx.consumed:
+            raise RuntimeError(
+                "linear_token_cross_entropy's backward scales its precomputed gradients in place, so it "
+                "runs once: a second backward through it (retain_graph=True) is not supported"
+            )
+        ctx.consumed = True
+        grad_hidden, grad_weight = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        gh = None if grad_hidden is None else grad_hidden.mul_(grad_objective).to(hidden_dtype)
+        gw = None if grad_weight is None else grad_weight.mul_(grad_objective).to(weight_dtype)
+        return gh, gw, None, None, None, None, None
+
+
+def linear_token_cross_entropy(
+    hidden: Tensor, weight: Tensor, targets: Tensor, coef: Tensor, *, chunk_bytes: int = CHUNK_BYTES,
+    min_chunk_rows: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """``(objective_sum, ce)``: ``sum_i coef_i * ce_i`` and the per-row cross-entropy ``ce`` of the
+    logits ``hidden @ weight.T``, without ever holding those logits or their gradient at full size.
+
+    Args:
+        hidden: ``[N, d]`` final hidden states of the rows that carry loss (any float dtype).
+        weight: ``[V, d]`` the LM's output-embedding (lm_head) weight; its gradient is computed
+            only when it requires grad.
+        targets: ``[N]`` token ids in ``[0, V)``.
+        coef: ``[N]`` per-row coefficients, never differentiated: the effective token weights of
+            a scheme (:func:`effective_weights`), 1 for NTP, 0 to drop a row.
+        chunk_bytes: size of one chunk of rows of fp32 logits (see ``CHUNK_BYTES``). Each chunk
+            also reads and writes the whole ``[V, d]`` fp32 weight-gradient accumulator once, a
+            cost that does not shrink with the chunk: fewer, larger chunks trade memory for time.
+        min_chunk_rows: the fewest rows of a chunk whatever ``chunk_bytes`` says. The
+            weight-gradient product of a chunk does about ``rows / 4`` FLOPs per byte of that
+            accumulator it moves, so a GPU needs several hundred rows to stay compute-bound;
+            1024 rows at a 128k vocabulary are 512 MiB of fp32 logits.
+
+    The logits are computed as ``nn.Linear`` would: in autocast's dtype when autocast is on
+    (fp64 excepted, as autocast does), in ``hidden``'s dtype otherwise (the weight is cast to it),
+    so they round like the logits path's; softmax and cross-entropy are then computed in fp32
+    (fp64 for fp64 inputs). ``objective_sum`` is a scalar of that dtype, differentiable w.r.t.
+    ``hidden`` and ``weight``; ``ce`` ``[N]`` is detached. The gradients are computed during the
+    forward call, and only when grad mode is on (under ``torch.no_grad`` this is a chunked
+    cross-entropy): the extra memory is the ``[V, d]`` weight gradient in fp32 (and one
+    low-precision ``[V, d]`` product per chunk), ``[N, d]`` for the hidden states' and a few
+    chunks of logits. Backward runs once (no ``retain_graph``). Plain ``hidden @ weight.T`` only:
+    no head bias, logit scale or soft-capping.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} must be [N, d] and weight {tuple(weight.shape)} [V, d] with one d"
+        )
+    if not (hidden.is_floating_point() and weight.is_floating_point()):
+        raise ValueError(f"hidden and weight must be float tensors, got {hidden.dtype} and {weight.dtype}")
+    n, vocab = hidden.shape[0], weight.shape[0]
+    if targets.shape != (n,) or coef.shape != (n,):
+        raise ValueError(
+            f"targets {tuple(targets.shape)} and coef {tuple(coef.shape)} must both be [N] = ({n},), "
+            "one per row of hidden"
+        )
+    tgt = targets.long()
+    if n and bool(((tgt < 0) | (tgt >= vocab)).any()):
+        bad = tgt[(tgt < 0) | (tgt >= vocab)][:5].tolist()
+        raise ValueError(
+            f"targets must lie in [0, {vocab}), found {bad}: pass only the rows that carry loss "
+            "(an ignore index or a pad id here means the rows and the loss mask are misaligned)"
+        )
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device) and hidden.dtype != torch.float64:
+        compute_dtype = torch.get_autocast_dtype(device)
+    else:
+        compute_dtype = hidden.dtype
+    acc_dtype = torch.promote_types(compute_dtype, torch.float32)
+    chunk = max(1, chunk_bytes // (vocab * acc_dtype.itemsize), min_chunk_rows)
+    return _LinearCrossEntropy.apply(
+        hidden, weight, tgt, coef.detach(), chunk, compute_dtype, torch.is_grad_enabled()
+    )
 
 
 def effective_weights(weights: Tensor, loss_mask: Tensor, normalise: str = "caption") -> Tensor:

@@ -12,6 +12,10 @@ and image tokens, row separators, BOS and padding never carry loss by constructi
 Masked image tokens (``token_mask`` False) and caption padding are hidden from attention, and
 the position ids count only the visible tokens, so a sample gives the same logits alone or
 padded in a batch (up to float tolerance).
+
+``forward(..., hidden=True)`` stops before the LM's head and returns the final hidden states of
+the same positions instead, for :func:`prior.loss.linear_token_cross_entropy` with
+:attr:`LVLM.head_weight`: the loss then never holds the full ``[B, L-1, V]`` logits.
 """
 
 from __future__ import annotations
@@ -48,12 +52,16 @@ FORMAT_VERSION = 1
 class LVLMOutput:
     """What the loss needs, aligned position by position (position t predicts ``targets[t]``)."""
 
-    logits: Tensor
-    """``[B, L-1, V]``: LM logits at the positions of ``input_ids[:, :-1]`` (BOS .. last-but-one)."""
+    logits: Tensor | None
+    """``[B, L-1, V]``: LM logits at the positions of ``input_ids[:, :-1]`` (BOS .. last-but-one);
+    None when :meth:`LVLM.forward` was asked for the hidden states instead."""
     targets: Tensor
     """``[B, L-1]``: ``input_ids[:, 1:]``, the caption tokens."""
     loss_mask: Tensor
     """``[B, L-1]`` bool: ``attention_mask[:, 1:]``, True on the caption tokens that carry loss."""
+    hidden: Tensor | None = None
+    """``[B, L-1, d]``: the LM's final hidden states at the same positions, the input of its head
+    (``forward(..., hidden=True)`` only)."""
 
 
 class LVLM(nn.Module):
@@ -113,19 +121,57 @@ class LVLM(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor,
         image_mask: Tensor | None = None,
+        *,
+        hidden: bool = False,
     ) -> LVLMOutput:
         """Logits for the caption tokens given the images (see :class:`LVLMOutput`).
 
         ``input_ids``/``attention_mask`` ``[B, L]`` are right-padded captions that start with
         BOS (the datamodule's batches); images ``[B, 3, H, W]`` in [0, 1], ``image_mask``
-        ``[B, H, W]`` when their sizes differ.
+        ``[B, H, W]`` when their sizes differ. ``hidden=True`` returns the final hidden states
+        of those positions instead of their logits (``logits`` None), for a loss that applies
+        the head itself (:attr:`head_weight`); it refuses an LM whose head is not a plain matmul.
         """
         _check_captions(input_ids, attention_mask)
+        if hidden:
+            self.check_plain_head()
         attention_mask = attention_mask.bool()
         embeds, mask, n_image = self._embed(images, image_mask, input_ids, attention_mask)
         keep = torch.arange(n_image, n_image + input_ids.shape[1] - 1, device=embeds.device)
+        targets, loss_mask = input_ids[:, 1:], attention_mask[:, 1:]
+        if hidden:
+            states = self._decoder(embeds, mask, _positions(mask))[:, keep]
+            return LVLMOutput(logits=None, targets=targets, loss_mask=loss_mask, hidden=states)
         logits = self._lm(embeds, mask, _positions(mask), keep)
-        return LVLMOutput(logits=logits, targets=input_ids[:, 1:], loss_mask=attention_mask[:, 1:])
+        return LVLMOutput(logits=logits, targets=targets, loss_mask=loss_mask)
+
+    @property
+    def head_weight(self) -> Tensor:
+        """The LM head's weight ``[V, d]`` (the input embeddings' when they are tied): the logits
+        are ``hidden @ head_weight.T`` for the LMs :meth:`forward` accepts with ``hidden=True``."""
+        self.check_plain_head()
+        return self.llm.get_output_embeddings().weight
+
+    def check_plain_head(self) -> None:
+        """Raise unless the LM's logits are exactly ``hidden @ head.weight.T``, which is what a
+        loss fed with the hidden states and :attr:`head_weight` computes."""
+        name = type(self.llm).__name__
+        head = self.llm.get_output_embeddings()
+        if not isinstance(getattr(head, "weight", None), Tensor):
+            raise ValueError(f"{name} has no output embedding with a weight: set model.fused_loss=false.")
+        if getattr(head, "bias", None) is not None:
+            raise ValueError(
+                f"{name}'s head has a bias, which the fused loss (plain hidden @ W.T) would drop: "
+                "set model.fused_loss=false."
+            )
+        config = self.llm.config
+        for attr, neutral in (("final_logit_softcapping", None), ("logit_scale", 1), ("logits_scaling", 1)):
+            value = getattr(config, attr, None)
+            if value is not None and value != neutral:
+                raise ValueError(
+                    f"{name} applies {attr}={value} to its logits, which the fused loss (plain "
+                    "hidden @ W.T) would skip: set model.fused_loss=false."
+                )
 
     def text_only(self, input_ids: Tensor, attention_mask: Tensor) -> LVLMOutput:
         """:meth:`forward` with the image hidden: the LM reads the caption alone (no image tokens),
@@ -210,6 +256,18 @@ class LVLM(nn.Module):
         embeds = torch.cat([image_embeds.to(text_embeds.dtype), text_embeds], dim=1)
         mask = torch.cat([token_mask, attention_mask], dim=1)
         return embeds, mask, image_embeds.shape[1]
+
+    def _decoder(self, embeds: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
+        """The final hidden states ``[B, N+L, d]``: what the causal LM's forward feeds its head.
+
+        That forward runs its base model (``base_model``: Llama's and Qwen2's ``model``, GPT-2's
+        ``transformer``, final norm included) and then the head, so calling the base model leaves
+        out exactly the head.
+        """
+        out = self.llm.base_model(
+            inputs_embeds=embeds, attention_mask=mask.long(), position_ids=positions, use_cache=False
+        )
+        return out.last_hidden_state
 
     def _lm(
         self, embeds: Tensor, mask: Tensor, positions: Tensor, keep: int | Tensor, cache: DynamicCache | None = None

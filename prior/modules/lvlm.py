@@ -8,6 +8,13 @@ the image hidden, the visual-word flags of the demo corpus) and applies the weig
 Both the optimised loss and the plain NTP loss of every batch are logged (``train/loss``,
 ``train/ntp_loss``), so runs with different objectives compare on one chart, together with the
 weight statistics (mean, std, effective number of tokens per caption).
+
+``fused_loss`` (``auto`` by default) computes the loss from the LM's final hidden states and head weight
+(:func:`prior.loss.linear_token_cross_entropy`), so the ``[B, L-1, V]`` logits and their gradient
+never exist at full size. It needs the weights before the loss, so it applies to the schemes
+whose weights do not depend on the LVLM's own predictions (``ntp``, ``prior``, ``prior_online``,
+``oracle``: ``not Weighting.needs_lvlm``); ``rho``, ``dpa`` (the LVLM's cross-entropy) and ``cal``
+(its target logits with and without the image) keep the logits path.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from torchmetrics import MeanMetric
 
 from prior.config import to_plain
 from prior.data.tokenization import load_tokenizer
-from prior.loss import token_cross_entropy, weight_stats
+from prior.loss import linear_token_cross_entropy, token_cross_entropy, weight_stats
 from prior.models.lvlm import LVLMOutput, apply_freezing, build_lvlm
 from prior.models.reference import load_reference
 from prior.modules.base import TokenLossModule
@@ -40,6 +47,7 @@ class LVLMModule(TokenLossModule):
         optimizer: dict[str, Any],
         scheduler: dict[str, Any] | None = None,
         save_frozen: bool = True,
+        fused_loss: bool | str = "auto",
     ) -> None:
         super().__init__()
         backbone, llm, loss, optimizer, scheduler = map(to_plain, (backbone, llm, loss, optimizer, scheduler))
@@ -48,18 +56,44 @@ class LVLMModule(TokenLossModule):
         self.tokenizer = load_tokenizer(tokenizer)
         self.model = build_lvlm(backbone, llm, self.tokenizer)
         self.group_counts = apply_freezing(self.model, list(backbone.get("train", ["vision", "projector", "llm"])))
+        self.fused_loss = self._use_fused_loss(fused_loss)
         # Frozen parts are rebuilt from their config or pretrained weights when loading.
         self.strict_loading = save_frozen
         self._reference: list[torch.nn.Module] = []  # kept out of the state dict and optimizer
         if self.weighting.reference is not None:
             self._reference.append(self._load_reference(self.weighting.reference))
-        self.last_weights: torch.Tensor | None = None  # for the weight histogram callback
+        self._last_weights: tuple[torch.Tensor, torch.Tensor] | None = None  # see last_weights
         self.val_ntp = MeanMetric()
         self.val_prior = MeanMetric()
 
     @property
     def loss_name(self) -> str:
         return self.weighting.name
+
+    def _use_fused_loss(self, fused_loss: bool | str) -> bool:
+        """``auto``: the fused loss wherever it applies (a scheme whose weights come before the
+        loss, an LM whose logits are plain ``hidden @ W.T``); ``true``: the same, an error for
+        an LM it cannot serve; ``false``: the logits path. Decided at build time, not at step 1."""
+        if fused_loss not in (True, False, "auto"):
+            raise ValueError(f"model.fused_loss must be true, false or auto, got {fused_loss!r}")
+        if fused_loss is False or self.weighting.needs_lvlm:
+            return False
+        try:
+            self.model.check_plain_head()
+        except ValueError:
+            if fused_loss is True:
+                raise
+            return False
+        return True
+
+    @property
+    def last_weights(self) -> torch.Tensor | None:
+        """The raw weights of the last training batch's loss tokens (the weight histogram's),
+        selected only when asked: a boolean index waits for the GPU, once per step otherwise."""
+        if self._last_weights is None:
+            return None
+        weights, mask = self._last_weights
+        return weights[mask]
 
     def _load_reference(self, path: str) -> torch.nn.Module:
         return load_reference(path, tokenizer=self.tokenizer)
@@ -82,11 +116,12 @@ class LVLMModule(TokenLossModule):
         with torch.no_grad():
             return caption_logprobs(reference, batch["input_ids"], batch["attention_mask"])
 
-    def weight_inputs(self, batch: dict[str, Any], out: LVLMOutput, ce: torch.Tensor) -> WeightInputs:
-        """What the scheme needs for this batch (see :class:`prior.weighting.WeightInputs`)."""
+    def weight_inputs(self, batch: dict[str, Any], out: LVLMOutput, ce: torch.Tensor | None) -> WeightInputs:
+        """What the scheme needs for this batch (see :class:`prior.weighting.WeightInputs`);
+        ``ce`` may be None (and ``out`` hold no logits) for a scheme that does not need the LVLM."""
         needs = self.weighting.needs
         mask = out.loss_mask
-        inputs = WeightInputs(loss_mask=mask, ce=ce.detach())
+        inputs = WeightInputs(loss_mask=mask, ce=None if ce is None else ce.detach())
         if "reference" in needs:
             inputs.ref_logprobs = self.ref_logprobs(batch)
         if "text_only" in needs:  # the image's gain on the target logit (CAL)
@@ -126,6 +161,8 @@ class LVLMModule(TokenLossModule):
             return self.weighting.raw_weights(self.weight_inputs(batch, out, ce))
 
     def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if self.fused_loss:
+            return self._fused_losses(batch)
         out = self.model(batch["images"], batch["input_ids"], batch["attention_mask"], batch.get("image_mask"))
         ce = token_cross_entropy(out.logits, out.targets, out.loss_mask)
         tokens = out.loss_mask.sum()
@@ -138,6 +175,29 @@ class LVLMModule(TokenLossModule):
             result["objective_sum"] = (self.weighting.effective(w, out.loss_mask) * ce).sum()
         return result
 
+    def _fused_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """:meth:`_losses` from the hidden states: the weights first, then one fused head + loss.
+
+        Same keys and values (up to float rounding); ``ntp_sum`` carries gradient only for NTP,
+        where it is the objective (the loss backpropagates ``objective_sum`` alone).
+        """
+        out = self.model(
+            batch["images"], batch["input_ids"], batch["attention_mask"], batch.get("image_mask"), hidden=True
+        )
+        mask = out.loss_mask
+        result = {"tokens": mask.sum(), "mask": mask}
+        w = None
+        if self.loss_name != "ntp":
+            w = self.weighting.raw_weights(self.weight_inputs(batch, out, None))
+            result["weights"] = w
+        coef = self.weighting.effective(w, mask)  # 1 on the loss tokens for NTP
+        objective, ce = linear_token_cross_entropy(
+            out.hidden[mask], self.model.head_weight, out.targets[mask], coef[mask]
+        )
+        result["objective_sum"] = objective
+        result["ntp_sum"] = objective if w is None else ce.sum()
+        return result
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         r = self._losses(batch)
         n = r["tokens"].clamp(min=1)
@@ -145,7 +205,7 @@ class LVLMModule(TokenLossModule):
         self.log("train/loss", r["objective_sum"].detach() / n, prog_bar=True, batch_size=bs)
         self.log("train/ntp_loss", r["ntp_sum"].detach() / n, batch_size=bs)
         if "weights" in r:
-            self.last_weights = r["weights"][r["mask"]].detach()
+            self._last_weights = (r["weights"].detach(), r["mask"])
             for name, value in weight_stats(r["weights"], r["mask"], self.weighting.normalise).items():
                 self.log(f"weights/{name}", value, batch_size=bs)
         return self.token_sum_objective(r["objective_sum"], r["tokens"])
