@@ -68,26 +68,68 @@ class RNGState(L.Callback):
         torch.set_rng_state(state_dict["torch"])
 
 
-class Throughput(L.Callback):
-    """Logs training throughput, ``throughput/samples_per_s`` and ``throughput/tokens_per_s``
-    (caption tokens), measured between batch ends, so data loading time counts."""
+#: Dense bf16 peak FLOP/s of the accelerators ``Throughput`` knows, by a part of the device name.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
-    def __init__(self) -> None:
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """The device's dense peak FLOP/s for ``precision`` when known (bf16 on the GPUs of
+    ``PEAK_BF16_FLOPS``), else None."""
+    if device.type != "cuda" or "bf16" not in str(precision):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class Throughput(L.Callback):
+    """Logs training throughput, measured between batch ends (so data loading time counts):
+    ``throughput/samples_per_s``, ``throughput/tokens_per_s`` (caption tokens), and from the FLOPs
+    of one counted step (``torch.utils.flop_counter`` on the forward and backward of step
+    ``count_flops_at``, per sample) ``throughput/tflops`` achieved per device and, where the
+    device's peak is known (``peak_flops``, or bf16 on the GPUs of ``PEAK_BF16_FLOPS``),
+    ``throughput/mfu``. Caption lengths vary, so FLOP figures are per-sample estimates."""
+
+    def __init__(self, count_flops_at: int | None = 1, peak_flops: float | None = None) -> None:
+        self.count_flops_at = count_flops_at
+        self.peak = peak_flops
+        self.flops_per_sample: float | None = None
+        self._counter: Any = None
         self._last: float | None = None
         self._samples = 0
-        self._tokens = 0
+        self._tokens: torch.Tensor | int = 0  # on the batch's device until logged: no sync per step
         self._seconds = 0.0
 
+    def on_fit_start(self, trainer, pl_module) -> None:  # noqa: D102
+        if self.peak is None:
+            self.peak = peak_flops(pl_module.device, trainer.precision)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
+        if self.flops_per_sample is None and trainer.global_step == self.count_flops_at:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            self._counter = FlopCounterMode(display=False)
+            self._counter.__enter__()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.flops_per_sample = self._counter.get_total_flops() / max(int(batch["input_ids"].shape[0]), 1)
+            self._counter = None
         now = time.perf_counter()
         if self._last is not None:
             self._seconds += now - self._last
             self._samples += int(batch["input_ids"].shape[0])
-            self._tokens += int(batch["attention_mask"].sum())
+            self._tokens = self._tokens + batch["attention_mask"].sum()
         self._last = now
         if self._seconds > 0 and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
-            pl_module.log("throughput/samples_per_s", self._samples / self._seconds)
-            pl_module.log("throughput/tokens_per_s", self._tokens / self._seconds)
+            samples_per_s = self._samples / self._seconds
+            pl_module.log("throughput/samples_per_s", samples_per_s)
+            pl_module.log("throughput/tokens_per_s", float(self._tokens) / self._seconds)
+            if self.flops_per_sample:
+                achieved = self.flops_per_sample * samples_per_s
+                pl_module.log("throughput/tflops", achieved / 1e12)
+                if self.peak:
+                    pl_module.log("throughput/mfu", achieved / self.peak)
             self._samples, self._tokens, self._seconds = 0, 0, 0.0
 
     def on_validation_start(self, trainer, pl_module) -> None:  # noqa: D102

@@ -2,9 +2,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from hydra.utils import instantiate
+
 from prior.cli.train_lvlm import train_lvlm
 from prior.loggers import RUN_ID_FILE
-from tests.test_lvlm_training import FAST, lvlm_cfg
+from tests.test_lvlm_training import FAST, first_batch, lvlm_cfg
 
 WANDB_VARS = ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_MODE", "WANDB_API_KEY")
 
@@ -28,6 +31,8 @@ def test_wandb_offline_by_default_inside_the_run_folder_and_resume_continues_the
                    f"paths.output_dir={run1}", f"export_dir={tmp_path / 'e1'}", *overrides)
     metrics = train_lvlm(cfg)
     assert "throughput/samples_per_s" in metrics and metrics["throughput/tokens_per_s"] > 0
+    # FLOPs counted at step 1 give the achieved TFLOP/s; no MFU without a known peak (a CPU)
+    assert metrics["throughput/tflops"] > 0 and "throughput/mfu" not in metrics
     offline = list((run1 / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
     run_id = (run1 / RUN_ID_FILE).read_text().strip()
@@ -45,3 +50,26 @@ def test_wandb_offline_by_default_inside_the_run_folder_and_resume_continues_the
     train_lvlm(resumed)
     assert (run2 / RUN_ID_FILE).read_text().strip() == run_id
     assert any(p.name.endswith(run_id) for p in (run2 / "wandb").glob("offline-run-*"))
+
+
+def test_throughput_counts_the_flops_of_one_training_step(demo):
+    """The FLOPs per sample that Throughput turns into TFLOP/s (and MFU) are those of the whole
+    step between its hooks: forward, loss and backward, as counted around the same step."""
+    from types import SimpleNamespace
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from prior.callbacks import Throughput, peak_flops
+
+    cfg = lvlm_cfg(demo, "loss=prior")
+    _, batch = first_batch(cfg)
+    model = instantiate(cfg.model, _recursive_=False)
+    with FlopCounterMode(display=False) as counter:
+        model._losses(batch)["objective_sum"].backward()
+    callback = Throughput(count_flops_at=3)
+    trainer = SimpleNamespace(global_step=3, log_every_n_steps=1)
+    callback.on_train_batch_start(trainer, model, batch, 0)
+    model._losses(batch)["objective_sum"].backward()
+    callback.on_train_batch_end(trainer, model, None, batch, 0)
+    assert callback.flops_per_sample == counter.get_total_flops() / batch["input_ids"].shape[0] > 0
+    assert peak_flops(torch.device("cpu"), "bf16-mixed") is None

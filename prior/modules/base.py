@@ -24,15 +24,16 @@ class TokenLossModule(L.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        # A Python number, not a tensor: ddp_spawn pickles the module into every process, and a
-        # tensor attribute would travel as shared memory, one counter for all ranks.
-        self._window_tokens = 0.0
+        # A Python number until the first micro-batch: ddp_spawn pickles the module into every
+        # process, and a tensor attribute would travel as shared memory, one counter for all
+        # ranks. From then on a tensor on the step's device, so counting never waits for the GPU.
+        self._window_tokens: torch.Tensor | float = 0.0
         self.last_loss: torch.Tensor | None = None
 
     def token_sum_objective(self, loss_sum: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
         """What ``training_step`` returns for a micro-batch whose per-token losses sum to
         ``loss_sum`` over ``num_tokens`` loss tokens; gradients are normalised at the step."""
-        self._window_tokens += float(num_tokens.detach())
+        self._window_tokens = self._window_tokens + num_tokens.detach().to(torch.float64)
         self.last_loss = loss_sum.detach() / num_tokens.clamp(min=1)  # named by NonFiniteGuard
         # Lightning divides by accumulate_grad_batches and DDP averages over ranks: undo both.
         return loss_sum * (self.trainer.accumulate_grad_batches * self.trainer.world_size)
@@ -47,14 +48,22 @@ class TokenLossModule(L.LightningModule):
                 p.data = p.data.float()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        tokens = torch.tensor(self._window_tokens, dtype=torch.float64, device=self.device)
+        tokens = torch.as_tensor(self._window_tokens, dtype=torch.float64, device=self.device)
         tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
-        scale = 1.0 / max(float(tokens), 1.0)
+        scale = 1.0 / tokens.clamp(min=1.0)  # stays on the device: no host sync in the step
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    p.grad.mul_(scale)
+                    p.grad.mul_(scale.to(p.grad.dtype))
         self._window_tokens = 0.0
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Move a batch dict's tensors and nothing else. Lightning's default walks every nested
+        object, and the per-sample ``meta`` (parsed json), keys and captions make that walk cost
+        more than a small model's step."""
+        if isinstance(batch, dict):
+            return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
