@@ -16,7 +16,7 @@ ARGS        ?=
 
 # `make demo` is the main job: the whole pipeline on the built-in corpus, then PRIOR vs NTP.
 .PHONY: help install demo test data data-base tokenizer train-base train-vision train-ref train-ref-base weights \
-	weights-report train-lvlm eval experiment weighting real-llm clean
+	weights-report train-lvlm eval experiment weighting real-llm bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-15s\033[0m %s\n", $$1, $$2}'
@@ -75,6 +75,9 @@ experiment: install ## the paper-regime experiment (LR sweep, 3 seeds, ablations
 
 weighting: install ## every token-weighting scheme (NTP, PRIOR and variants, Rho-1, CAL, DPA, oracle) against NTP, into experiments/results/weighting
 	$(PY) experiments/run_weighting.py $(ARGS)
+
+bench: install ## cost ratios measured side by side (PRIOR/NTP step, Lightning/plain loop, data, stage 2, loss, resume) into experiments/results/bench (ARGS="--device cuda" on a GPU)
+	$(PY) experiments/bench.py $(ARGS)
 
 real-llm: install ## PRIOR vs NTP on SmolLM2-135M in settings H and U, every stage, into experiments/results/real_llm_cpu
 	$(PY) experiments/run_real_llm.py $(ARGS)
