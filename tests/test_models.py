@@ -320,3 +320,12 @@ def test_paper_architectures_fit_on_the_meta_device(
     assert abs(llm_params / 1e9 - billions) < 0.1
     counts = apply_freezing(model, backbone_cfg.train)
     assert {g for g, (t, _) in counts.items() if t} == set(backbone_cfg.train)
+
+
+def test_a_backbones_image_size_is_for_the_data_and_travels_with_the_model(tokenizer, tmp_path) -> None:
+    backbone = conf("backbone", "visual_encoder")
+    backbone.image_size = 32
+    model = build_lvlm(backbone, conf("llm", "tiny_llama"), tokenizer)
+    model.save_pretrained(tmp_path, tokenizer)
+    loaded, _ = load_lvlm(tmp_path)
+    assert loaded.backbone_cfg["image_size"] == 32  # saved with the export, for its users

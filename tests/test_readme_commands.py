@@ -87,3 +87,15 @@ def test_every_command_composes_as_typed(where, line):
         shards = OmegaConf.to_container(cfg.data.shards, resolve=False)  # paths need a Hydra run to resolve
         assert shards["train"] != "???", f"{where}: `{line}` names no training shards"
         assert shards.get("val") is not None, f"{where}: `{line}` trains without a validation split"
+
+
+def test_the_data_follows_the_backbones_image_size():
+    """data=img2dataset resizes to the input size the backbone names (CLIP ViT-L/14-336: 336),
+    224 for a backbone that names none, and an explicit data.image_size wins."""
+    def image_size(*overrides: str) -> int:
+        with initialize_config_dir(CONF_DIR, version_base="1.3"):
+            return compose("train_lvlm", ["data=img2dataset", *overrides]).data.image_size
+
+    assert image_size("backbone=clip_vit_l_336") == 336
+    assert image_size("backbone=visual_encoder") == 224
+    assert image_size("backbone=clip_vit_l_336", "data.image_size=448") == 448

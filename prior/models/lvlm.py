@@ -330,6 +330,12 @@ def apply_freezing(lvlm: LVLM, train: Sequence[str]) -> dict[str, tuple[int, int
     return counts
 
 
+def tower_options(backbone_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of a backbone config that build its tower: all but ``name``, and
+    ``image_size``, the input size the data is resized to (kept with the model, for its users)."""
+    return {k: v for k, v in backbone_cfg.items() if k not in ("name", "image_size")}
+
+
 def build_lvlm(
     backbone: Mapping[str, Any], llm: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase | None
 ) -> LVLM:
@@ -344,8 +350,7 @@ def build_lvlm(
     if "name" not in backbone_cfg:
         raise ValueError("The backbone config needs a `name` (e.g. visual_encoder or encoder_free).")
     lm = build_llm(tokenizer, **to_plain(llm))
-    options = {k: v for k, v in backbone_cfg.items() if k != "name"}
-    vision = build_backbone(backbone_cfg["name"], embedding_dim(lm), **options)
+    vision = build_backbone(backbone_cfg["name"], embedding_dim(lm), **tower_options(backbone_cfg))
     if tokenizer is not None:
         bos, eos, _ = special_ids(tokenizer)
     else:
@@ -384,7 +389,7 @@ def load_lvlm(folder: str | Path) -> tuple[LVLM, PreTrainedTokenizerBase]:
     cfg = AutoConfig.for_model(llm_config.pop("model_type"), **llm_config)
     lm = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, spec["llm_dtype"]))
     backbone_cfg = dict(spec["backbone"])
-    options = {k: v for k, v in backbone_cfg.items() if k != "name"}
+    options = tower_options(backbone_cfg)
     if "pretrained" in options:
         options["pretrained"] = False  # every weight comes from model.safetensors
     vision = build_backbone(backbone_cfg["name"], embedding_dim(lm), **options)
