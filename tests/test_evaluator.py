@@ -9,6 +9,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+import prior
 from prior.cli.eval import main as eval_main
 from prior.cli.eval import run_eval
 from prior.cli.train_lvlm import train_lvlm
@@ -161,3 +162,21 @@ def test_periodic_eval_appends_a_curve_point_every_n_steps(demo, tmp_path):
     (metrics_csv,) = (tmp_path / "run" / "csv").glob("version_*/metrics.csv")
     logged = [r for r in csv.DictReader(metrics_csv.open()) if r.get("eval/test/choice_accuracy")]
     assert [int(r["step"]) for r in logged] == [2, 4, 5]
+
+
+def test_prior_eval_prepares_images_as_the_model_was_trained(demo, module, tmp_path):
+    """The export records the data's image_size and resize; prior-eval uses them unless told
+    otherwise, and an export that records none is an error that says what to give."""
+    from prior.cli.eval import with_model_preprocessing
+
+    export = module.export(tmp_path / "export")
+    lvlm, _ = prior.load(export)
+    assert lvlm.preprocessing == {"image_size": 32, "resize": "center_crop"}
+    cfg = compose_config("eval", demo.root, [f"model={export}", "benchmark=coco_captions"])
+    assert cfg.benchmark.image_size is None
+    filled = with_model_preprocessing(cfg.benchmark, lvlm.preprocessing, str(export))
+    assert (filled.image_size, filled.resize) == (32, "center_crop")
+    given = compose_config("eval", demo.root, [f"model={export}", "benchmark.image_size=64"])
+    assert with_model_preprocessing(given.benchmark, lvlm.preprocessing, str(export)).image_size == 64
+    with pytest.raises(ValueError, match="benchmark.image_size=224"):
+        with_model_preprocessing(cfg.benchmark, None, str(export))

@@ -25,10 +25,10 @@ from prior.eval.evaluator import EvalResult, evaluate, markdown_table, write_res
 def run_eval(cfg: DictConfig) -> dict[str, EvalResult]:
     """Evaluate every split, print and write the table, log the metrics; return the results."""
     L.seed_everything(cfg.seed, verbose=False)
-    benchmark: Benchmark = instantiate(cfg.benchmark)
+    lvlm, tokenizer = prior.load(cfg.model)
+    benchmark: Benchmark = instantiate(with_model_preprocessing(cfg.benchmark, lvlm.preprocessing, cfg.model))
     splits = list(cfg.splits) if cfg.splits else list(benchmark.default_splits)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    lvlm, tokenizer = prior.load(cfg.model)
     lvlm.to(device)
     results: dict[str, EvalResult] = {}
     for split in splits:
@@ -54,6 +54,21 @@ def run_eval(cfg: DictConfig) -> dict[str, EvalResult]:
         logger.log_metrics(flat)
         logger.finalize("success")
     return results
+
+
+def with_model_preprocessing(benchmark: DictConfig, preprocessing: dict | None, model: str) -> DictConfig:
+    """The benchmark config with ``image_size``/``resize`` left null filled in from the model's
+    training preprocessing; an error when the model records none (an older export)."""
+    benchmark = benchmark.copy()
+    for key in ("image_size", "resize"):
+        if key in benchmark and benchmark[key] is None:
+            if not preprocessing or preprocessing.get(key) is None:
+                raise ValueError(
+                    f"{model} does not record the {key} it was trained with (exported before this was "
+                    f"saved): give it, e.g. benchmark.{key}=" + ("224" if key == "image_size" else "center_crop")
+                )
+            benchmark[key] = preprocessing[key]
+    return benchmark
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")

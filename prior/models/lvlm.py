@@ -89,6 +89,9 @@ class LVLM(nn.Module):
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.backbone_cfg = dict(backbone_cfg)
+        #: How images were prepared for training (``image_size``, ``resize``), saved with the model
+        #: so that evaluation prepares them the same way; None when unknown.
+        self.preprocessing: dict[str, Any] | None = None
         self.frozen_groups: tuple[str, ...] = ()
         params = inspect.signature(llm.forward).parameters
         # The LM slices its hidden states to the caption positions before its own head (so any
@@ -238,6 +241,7 @@ class LVLM(nn.Module):
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "tokenizer_fingerprint": fingerprint(tokenizer),
+            "preprocessing": self.preprocessing,
         }
         (folder / CONFIG_FILE).write_text(json.dumps(spec, indent=2))
         save_model(self, str(folder / WEIGHTS_FILE))
@@ -396,6 +400,7 @@ def load_lvlm(folder: str | Path) -> tuple[LVLM, PreTrainedTokenizerBase]:
     lvlm = LVLM(
         vision, lm, bos_token_id=spec["bos_token_id"], eos_token_id=spec["eos_token_id"], backbone_cfg=backbone_cfg
     )
+    lvlm.preprocessing = spec.get("preprocessing")  # absent from exports older than the field
     # The model is built with random init, then overwritten: simple, at the price of one
     # wasted initialisation (seconds for a 3B model).
     load_model(lvlm, str(folder / WEIGHTS_FILE), strict=True)

@@ -47,6 +47,7 @@ class LVLMModule(TokenLossModule):
         optimizer: dict[str, Any],
         scheduler: dict[str, Any] | None = None,
         save_frozen: bool = True,
+        preprocessing: dict[str, Any] | None = None,
         fused_loss: bool | str = "auto",
     ) -> None:
         super().__init__()
@@ -55,6 +56,7 @@ class LVLMModule(TokenLossModule):
         self.weighting = build_weighting(loss)
         self.tokenizer = load_tokenizer(tokenizer)
         self.model = build_lvlm(backbone, llm, self.tokenizer)
+        self.model.preprocessing = dict(preprocessing) if preprocessing else None
         self.group_counts = apply_freezing(self.model, list(backbone.get("train", ["vision", "projector", "llm"])))
         self.fused_loss = self._use_fused_loss(fused_loss)
         # Frozen parts are rebuilt from their config or pretrained weights when loading.
