@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from prior.callbacks import NonFiniteError, non_finite_tensors
@@ -98,12 +99,24 @@ def resolve_ckpt_path(spec: str | None, output_dir: str | Path, *, allow_remote:
     return spec
 
 
+@rank_zero_only
+def print_config(cfg: DictConfig) -> None:
+    """The composed config, resolved, as the run will use it (``print_config: false`` to skip)."""
+    try:
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+    except Exception:  # noqa: BLE001  (a value that resolves only later, e.g. outside a Hydra run)
+        text = OmegaConf.to_yaml(cfg)
+    print(text, flush=True)
+
+
 def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, L.LightningDataModule]:
     """Seed, build data, model and trainer from ``cfg`` and train (resuming from ``ckpt_path``)."""
     if cfg.get("ckpt_path") is not None:
         with open_dict(cfg):
             cfg.ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir,
                                               allow_remote=bool(cfg.get("allow_remote_ckpt", False)))
+    if cfg.get("print_config", False):
+        print_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     model = instantiate(cfg.model, _recursive_=False)

@@ -13,6 +13,7 @@ A batch is a dict::
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import warnings
 from collections.abc import Sequence
@@ -73,6 +74,11 @@ def collate(samples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         for i, s in enumerate(samples):
             ref[i, : lengths[i] - 1] = torch.as_tensor(s["ref_logprobs"], dtype=torch.float32)
         batch["ref_logprobs"] = ref
+    return batch
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    """A collate_fn for batches that are already collated."""
     return batch
 
 
@@ -137,6 +143,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         sidecar_dir: str | None = None,
         reshard_on_resume: bool = False,
         allow_pipe: bool = False,
+        overfit_batches: int = 0,
     ) -> None:
         super().__init__()
         unknown = set(shards) - set(SPLITS)
@@ -159,6 +166,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         self.sidecar_dir = sidecar_dir
         self.reshard_on_resume = reshard_on_resume
         self.allow_pipe = allow_pipe
+        self.overfit_batches = overfit_batches
         self.counter = SkipCounter()
         self.tokenizer = load_tokenizer(tokenizer)
         self.pad_id = special_ids(self.tokenizer)[2]
@@ -203,7 +211,9 @@ class ImageCaptionDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
 
-    def train_dataloader(self) -> EpochLoader:
+    def train_dataloader(self) -> EpochLoader | DataLoader:
+        if self.overfit_batches:
+            return self._overfit_loader()
         shards = self.shard_set("train")
         world = self._world_size()
         check_shard_count(len(shards), world, self.num_workers, "The train split")
@@ -239,6 +249,17 @@ class ImageCaptionDataModule(L.LightningDataModule):
             self._pending_state = None
         self._train_loader = loader
         return loader
+
+    def _overfit_loader(self) -> DataLoader:
+        """The first ``overfit_batches`` training batches, the same ones every epoch (a model that
+        cannot fit them has a bug). The stream's own epochs reshuffle, so the batches are kept."""
+        overfit, self.overfit_batches = self.overfit_batches, 0
+        try:
+            batches = list(itertools.islice(iter(self.train_dataloader()), overfit))
+        finally:
+            self.overfit_batches = overfit
+        self._train_loader = None  # no data position to checkpoint
+        return DataLoader(batches, batch_size=None, shuffle=False, collate_fn=_as_is)
 
     def _once_loader(self, split: str) -> DataLoader:
         shards = self.shard_set(split)

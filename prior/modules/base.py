@@ -9,6 +9,7 @@ accumulated gradients by the token count all-reduced over ranks, before gradient
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning as L
@@ -16,6 +17,9 @@ import torch
 from hydra.utils import instantiate
 
 from prior.config import to_plain
+
+# The modules move batches themselves (transfer_batch_to_device below); Lightning says so on every run.
+warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device` in `LightningModule`")
 from prior.strategies import is_sharded
 
 
