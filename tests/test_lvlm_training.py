@@ -473,14 +473,17 @@ def test_fsdp_policy_wraps_decoder_layers_and_vit_blocks(demo):
 
 
 def test_debug_presets_run_one_batch_and_overfit_one(demo, tmp_path, capsys):
-    """debug=fdr runs one training batch (and exports); debug=overfit drives one batch's loss down;
-    a run starts by printing its composed config."""
+    """debug=fdr runs one training batch (and exports); debug=profiler writes the hooks' times;
+    debug=overfit drives one batch's loss down; a run starts by printing its composed config."""
     import csv
 
     metrics = train_lvlm(lvlm_cfg(demo, "loss=prior", "debug=fdr", f"paths.output_dir={tmp_path / 'fdr'}",
                                   f"export_dir={tmp_path / 'fdr_export'}"))
     assert "train/loss" in metrics and (tmp_path / "fdr_export" / "model.safetensors").exists()
     assert "fast_dev_run: true" in capsys.readouterr().out
+    train_lvlm(lvlm_cfg(demo, "loss=prior", "debug=profiler", "trainer.max_steps=2",
+                        f"paths.output_dir={tmp_path / 'profile'}", f"export_dir={tmp_path / 'profile_export'}"))
+    assert "run_training_batch" in (tmp_path / "profile" / "fit-profile.txt").read_text()
     train_lvlm(lvlm_cfg(demo, "loss=prior", "debug=overfit", "optimizer.lr=1e-2", "scheduler.num_warmup_steps=5",
                         "trainer.log_every_n_steps=1", f"paths.output_dir={tmp_path / 'overfit'}",
                         f"export_dir={tmp_path / 'overfit_export'}"))
