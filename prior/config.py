@@ -37,4 +37,19 @@ def package_file(distribution: str, relative: str) -> str:
     return str(path)
 
 
+def sweep_group() -> str | None:
+    """The ``${sweep_group:}`` resolver: one name per ``-m`` sweep (``<task>/<sweep folder>``), so
+    a logger can group the sweep's runs; None for a single run or outside a Hydra run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra = HydraConfig.get()
+    if hydra.mode != RunMode.MULTIRUN:
+        return None
+    return f"{hydra.job.name}/{Path(hydra.sweep.dir).name}"
+
+
 OmegaConf.register_new_resolver("package_file", package_file, replace=True)
+OmegaConf.register_new_resolver("sweep_group", sweep_group, replace=True)

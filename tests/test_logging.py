@@ -73,3 +73,31 @@ def test_throughput_counts_the_flops_of_one_training_step(demo):
     callback.on_train_batch_end(trainer, model, None, batch, 0)
     assert callback.flops_per_sample == counter.get_total_flops() / batch["input_ids"].shape[0] > 0
     assert peak_flops(torch.device("cpu"), "bf16-mixed") is None
+
+
+def test_the_runs_of_one_sweep_share_a_wandb_group():
+    """${sweep_group:} (the wandb logger's group) names the sweep in a multirun, nothing otherwise."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from prior.cli._hydra import CONF_DIR
+    from prior.config import sweep_group
+
+    assert sweep_group() is None  # outside a Hydra run
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("train_lvlm", ["paths.root_dir=/r"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.job.name = "train_lvlm"
+        cfg.hydra.sweep.dir = "/r/logs/train_lvlm/multiruns/2026-11-26_22-55-00"
+    runs = {mode: cfg.copy() for mode in (RunMode.RUN, RunMode.MULTIRUN)}
+    try:
+        for mode, run in runs.items():
+            with open_dict(run):
+                run.hydra.mode = mode
+            HydraConfig.instance().set_config(run)
+            expected = "train_lvlm/2026-11-26_22-55-00" if mode == RunMode.MULTIRUN else None
+            assert sweep_group() == run.logger.wandb.group == expected
+    finally:
+        HydraConfig.instance().cfg = None
