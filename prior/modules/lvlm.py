@@ -51,7 +51,8 @@ class LVLMModule(TokenLossModule):
         fused_loss: bool | str = "auto",
     ) -> None:
         super().__init__()
-        backbone, llm, loss, optimizer, scheduler = map(to_plain, (backbone, llm, loss, optimizer, scheduler))
+        backbone, llm, loss, optimizer, scheduler, preprocessing = map(
+            to_plain, (backbone, llm, loss, optimizer, scheduler, preprocessing))
         self.save_hyperparameters()  # plain containers, so checkpoints load with weights_only
         self.weighting = build_weighting(loss)
         self.tokenizer = load_tokenizer(tokenizer)
