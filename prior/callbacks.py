@@ -81,6 +81,26 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+def _tolerant_flop_counter() -> tuple[Any, list[str]]:
+    """torch's FlopCounterMode whose formulas never raise into the training step (an older torch
+    asserts on grouped-query attention, for one): a failing formula is recorded in the list."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter, failed = FlopCounterMode(display=False), []
+
+    def tolerant(op: Any, formula: Any) -> Any:
+        def count(*args: Any, **kwargs: Any) -> int:
+            try:
+                return formula(*args, **kwargs)
+            except Exception:  # noqa: BLE001
+                failed.append(str(op))
+                return 0
+        return count
+
+    counter.flop_registry = {op: tolerant(op, f) for op, f in counter.flop_registry.items()}
+    return counter, failed
+
+
 class Throughput(L.Callback):
     """Logs training throughput, measured between batch ends (so data loading time counts):
     ``throughput/samples_per_s``, ``throughput/tokens_per_s`` (caption tokens), and from the FLOPs
@@ -94,6 +114,7 @@ class Throughput(L.Callback):
         self.peak = peak_flops
         self.flops_per_sample: float | None = None
         self._counter: Any = None
+        self._failed: list[str] = []
         self._last: float | None = None
         self._samples = 0
         self._tokens: torch.Tensor | int = 0  # on the batch's device until logged: no sync per step
@@ -105,15 +126,17 @@ class Throughput(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
         if self.flops_per_sample is None and trainer.global_step == self.count_flops_at:
-            from torch.utils.flop_counter import FlopCounterMode
-
-            self._counter = FlopCounterMode(display=False)
+            self._counter, self._failed = _tolerant_flop_counter()
             self._counter.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
-            self.flops_per_sample = self._counter.get_total_flops() / max(int(batch["input_ids"].shape[0]), 1)
+            if self._failed:
+                log.warning("FLOPs not counted (torch's counter failed on %s): no throughput/tflops or mfu",
+                            self._failed[0])
+            else:
+                self.flops_per_sample = self._counter.get_total_flops() / max(int(batch["input_ids"].shape[0]), 1)
             self._counter = None
         now = time.perf_counter()
         if self._last is not None:

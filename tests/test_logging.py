@@ -52,7 +52,7 @@ def test_wandb_offline_by_default_inside_the_run_folder_and_resume_continues_the
     assert any(p.name.endswith(run_id) for p in (run2 / "wandb").glob("offline-run-*"))
 
 
-def test_throughput_counts_the_flops_of_one_training_step(demo):
+def test_throughput_counts_the_flops_of_one_training_step(demo, monkeypatch):
     """The FLOPs per sample that Throughput turns into TFLOP/s (and MFU) are those of the whole
     step between its hooks: forward, loss and backward, as counted around the same step."""
     from types import SimpleNamespace
@@ -73,6 +73,18 @@ def test_throughput_counts_the_flops_of_one_training_step(demo):
     callback.on_train_batch_end(trainer, model, None, batch, 0)
     assert callback.flops_per_sample == counter.get_total_flops() / batch["input_ids"].shape[0] > 0
     assert peak_flops(torch.device("cpu"), "bf16-mixed") is None
+    # a FLOP formula that fails (an older torch on grouped-query attention) never stops training
+    from torch.utils import flop_counter
+
+    def fails(*args, **kwargs):
+        raise AssertionError("shapes are incompatible")
+
+    monkeypatch.setitem(flop_counter.flop_registry, torch.ops.aten.mm, fails)
+    callback = Throughput(count_flops_at=3)
+    callback.on_train_batch_start(trainer, model, batch, 0)
+    model._losses(batch)["objective_sum"].backward()
+    callback.on_train_batch_end(trainer, model, None, batch, 0)
+    assert callback.flops_per_sample is None
 
 
 def test_the_runs_of_one_sweep_share_a_wandb_group():
