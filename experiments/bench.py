@@ -55,6 +55,7 @@ import torch.nn.functional as F  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from prior.cli.common import build_datamodule, compose_config  # noqa: E402
+from prior.data.datamodule import as_collated  # noqa: E402
 
 #: What each size builds and how long it measures. ``cpu`` keeps the whole run under 5 minutes.
 SIZES = {
@@ -107,11 +108,6 @@ def interleaved(fns: dict[str, Callable[[], None]], iters: int, warmup: int, dev
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     return times
-
-
-def _as_is(batch: dict) -> dict:
-    """A DataLoader collate_fn that hands over an already collated batch untouched."""
-    return batch
 
 
 def sync(device: torch.device) -> None:
@@ -258,7 +254,7 @@ class Bench:
             stamps = Stamps()
             trainer = build_trainer(cfg)
             trainer.callbacks.append(stamps)
-            loader = torch.utils.data.DataLoader([batch] * n, batch_size=None, collate_fn=_as_is)
+            loader = torch.utils.data.DataLoader([batch] * n, batch_size=None, collate_fn=as_collated)
             trainer.fit(module, train_dataloaders=loader)
             return [b - a for a, b in zip(stamps.t, stamps.t[1:])]
 

@@ -77,8 +77,8 @@ def collate(samples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     return batch
 
 
-def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
-    """A collate_fn for batches that are already collated."""
+def as_collated(batch: dict[str, Any]) -> dict[str, Any]:
+    """A DataLoader collate_fn for batches that are already collated (handed over untouched)."""
     return batch
 
 
@@ -259,7 +259,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         finally:
             self.overfit_batches = overfit
         self._train_loader = None  # no data position to checkpoint
-        return DataLoader(batches, batch_size=None, shuffle=False, collate_fn=_as_is)
+        return DataLoader(batches, batch_size=None, shuffle=False, collate_fn=as_collated)
 
     def _once_loader(self, split: str) -> DataLoader:
         shards = self.shard_set(split)
