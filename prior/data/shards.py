@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import braceexpand
 
@@ -31,14 +32,13 @@ def resolve_shards(spec: str | Path | list[str], *, allow_pipe: bool = False) ->
     """Expand a shard spec into a ShardSet.
 
     ``spec`` is a folder of ``*.tar`` shards, a brace pattern (``data/train/{00000..00009}.tar``,
-    local paths or URLs) or a list of either; ``pipe:`` specs (a shell command) only with
-    ``allow_pipe``. Sample counts come from the folder's
+    local paths or URLs) or a list of these (nested lists, e.g. a recipe's splits, are flattened
+    and null entries, a split the recipe does not have, left out); ``pipe:`` specs (a shell
+    command) only with ``allow_pipe``. Sample counts come from the folder's
     ``manifest.json`` (the demo corpus) or img2dataset's per-shard ``*_stats.json``.
     """
-    items = [spec] if isinstance(spec, (str, Path)) else list(spec)
     urls: list[str] = []
-    for item in items:
-        item = str(item)
+    for item in _spec_items(spec):
         if Path(item).is_dir():
             found = sorted(str(p) for p in Path(item).glob("*.tar"))
             if not found:
@@ -64,6 +64,15 @@ def resolve_shards(spec: str | Path | list[str], *, allow_pipe: bool = False) ->
                 f"runs), or generate it: {_MAKE_HINT}."
             )
     return ShardSet(tuple(urls), tuple(_shard_count(u) for u in urls))
+
+
+def _spec_items(spec: str | Path | list[Any] | None) -> list[str]:
+    """The folders and patterns of a shard spec, nested lists flattened, null entries left out."""
+    if spec is None:
+        return []
+    if isinstance(spec, (str, Path)):
+        return [str(spec)]
+    return [item for part in spec for item in _spec_items(part)]
 
 
 _MAKE_HINT = ("`make data` writes the demo corpus (data/demo), `make data-base` the base corpus (data/demo_base), "
