@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from prior.cli._hydra import CONF_DIR
 from prior.cli.common import train_and_export
+from prior.cli.objective import objective, train_trial
 
 
 def train_lvlm(cfg: DictConfig) -> dict[str, float]:
@@ -20,10 +21,11 @@ def train_lvlm(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train_lvlm")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train_lvlm(cfg)
+    """Returns the final val/ntp_loss (or ``optimized_metric``: the value ``hparams_search`` optimises)."""
+    metrics = train_trial(train_lvlm, cfg)
     if "val/ntp_loss" in metrics:
         print(f"Validation NTP loss: {metrics['val/ntp_loss']:.4f}")
-    return metrics.get("val/ntp_loss")
+    return objective(metrics, cfg, default="val/ntp_loss")
 
 
 if __name__ == "__main__":
