@@ -39,9 +39,20 @@ def test_make_demo_tiny_end_to_end_then_the_notebook_runs(tmp_path):
         NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     finally:
         del os.environ["PRIOR_DEMO_ROOT"]
-    outputs = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    cell_outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    outputs = "".join(o.get("text", "") for o in cell_outputs)
     assert "demo run:" in outputs and "PRIOR vs NTP: invalid under the validity gate" in outputs
-    assert any(o.get("output_type") == "display_data" for c in notebook.cells for o in c.get("outputs", []))
+    assert all(o.get("output_type") != "error" for o in cell_outputs)
+    displays = [o["data"] for o in cell_outputs if o.get("output_type") == "display_data"]
+    # the pictures: counter-prior images with both models' captions, the weights, the learning curves
+    assert sum("image/png" in d for d in displays) >= 3
+    # the captions both exported LVLMs generated for each counter-prior image, beside its truth
+    for label in ("truth:", "NTP caption:", "PRIOR caption:"):
+        assert outputs.count(label) == 3, label
+    # a caption shaded token by token with its stage-2 weights (read from the sidecars)
+    shaded = next(d["text/html"] for d in displays if "text/html" in d)
+    assert shaded.count("<span") > 10 and "background: rgba(220,40,90," in shaded
+    assert "mean weight of this caption's tokens" in outputs
 
 
 def test_a_cached_part_is_trained_again_only_when_its_config_changes(tmp_path):
