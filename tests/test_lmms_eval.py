@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import prior  # noqa: E402
 from lmms_eval.api.instance import Instance  # noqa: E402  (the `lmms` extra; make install adds it)
@@ -46,7 +46,14 @@ PREPROCESSING = {"image_size": 32, "resize": "center_crop"}
 def setup(tmp_path_factory):
     """A demo split with 48 px images, an LVLM trained on 32 px crops of it, its export (which
     records that preprocessing), and the lmms-eval task folder of the split."""
-    root = tmp_path_factory.mktemp("lmms")
+    return build_demo(tmp_path_factory.mktemp("lmms"), OmegaConf.load(CONF / "backbone" / "encoder_free.yaml"))
+
+
+def build_demo(root: Path, backbone: DictConfig, steps: int = 40) -> tuple[Path, Path, list[str]]:
+    """``(root, data, tasks)``: a demo split with 48 px images in ``root/data``, an LVLM with the
+    ``backbone`` config trained ``steps`` steps on 32 px crops of it in ``root/export``
+    (``LVLM.save_pretrained``, recording that preprocessing), and the split's lmms-eval task
+    folder ``root/tasks``."""
     data = root / "data"
     generate_corpus(
         CorpusConfig(seed=0, image_size=48, splits={SPLIT: {"num_samples": 8, "num_shards": 1}}, num_workers=1), data
@@ -58,9 +65,9 @@ def setup(tmp_path_factory):
     for override in TINY_LLM:
         OmegaConf.update(llm, override.removeprefix("llm."), int(override.split("=")[1]))
     torch.manual_seed(0)
-    lvlm = build_lvlm(OmegaConf.load(CONF / "backbone" / "encoder_free.yaml"), llm, tokenizer)
+    lvlm = build_lvlm(backbone, llm, tokenizer)
     items = list(DemoBenchmark(data, **PREPROCESSING).items(SPLIT))
-    _overfit(lvlm, tokenizer, items)
+    _overfit(lvlm, tokenizer, items, steps)
     lvlm.preprocessing = dict(PREPROCESSING)
     lvlm.save_pretrained(root / "export", tokenizer)
     tasks = write_demo_task(root / "tasks", data, split=SPLIT, limit=DOCS, max_new_tokens=MAX_NEW)

@@ -19,11 +19,13 @@ A folder written by :meth:`prior.models.lvlm.LVLM.save_pretrained` loads only th
 
 Both add special tokens to the tokenizer (the image placeholder, and for Fuyu the newline); their
 extra logit columns are suppressed in generation (``generation_config.suppress_tokens``), so
-greedy decoding matches ``LVLM.generate``. Parts that do not map (another projector depth, a
-tower with registers or layer scale, an LM head with a bias or logit soft-capping, a tokenizer
-FuyuProcessor cannot drive) raise :class:`UnmappableError` naming the part; ``format="auto"``
-then keeps the project format instead. ``prior_export.json`` in the output records the kind, the
-prompt layout and every approximation of the preprocessing.
+greedy decoding matches ``LVLM.generate``. The Llava export has a chat template writing the same
+prompt (images, BOS, text: :func:`llava_chat_template`), which lmms-eval's ``llava_hf`` applies.
+Parts that do not map (another projector depth, a tower with registers or layer scale, an LM head
+with a bias or logit soft-capping, a tokenizer FuyuProcessor cannot drive) raise
+:class:`UnmappableError` naming the part; ``format="auto"`` then keeps the project format instead.
+``prior_export.json`` in the output records the kind, the prompt layout and every approximation
+of the preprocessing.
 """
 
 from __future__ import annotations
@@ -412,6 +414,31 @@ def _llava_image_processor(
     ), notes
 
 
+def llava_chat_template(bos: str) -> str:
+    """A chat template rendering a conversation as the project's captioner prompt: every image
+    placeholder of the user turns, then ``bos``, then the text of the user and assistant turns
+    concatenated (no roles, no EOS; system turns dropped). It takes plain-string contents, where
+    ``<image>`` followed by a newline or space marks an image (lmms-eval's llava_hf writes
+    ``"<image>\\n" + question``), and lists of ``{"type": "image"}`` / ``{"type": "text"}`` parts
+    (``processor.apply_chat_template``). A PRIOR LVLM is a pre-trained captioner: a question is
+    a plain text prefix of the caption, as ``--model prior`` feeds it."""
+    image, b = json.dumps(LLAVA_IMAGE_TOKEN), json.dumps(bos)
+    return (
+        "{%- set ns = namespace(images='', text='') -%}"
+        "{%- for message in messages if message['role'] != 'system' -%}"
+        "{%- if message['content'] is string -%}"
+        f"{{%- set ns.images = ns.images + {image} * message['content'].count({image}) -%}}"
+        f"{{%- set ns.text = ns.text + message['content'].replace({image} + '\\n', '').replace({image} + ' ', '')"
+        f".replace({image}, '') -%}}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        f"{{%- if part['type'] == 'image' -%}}{{%- set ns.images = ns.images + {image} -%}}"
+        "{%- elif part['type'] == 'text' -%}{%- set ns.text = ns.text + part['text'] -%}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{%- endfor -%}"
+        f"{{{{- ns.images + {b} + ns.text -}}}}"
+    )
+
+
 def export_llava(lvlm: LVLM, tokenizer: PreTrainedTokenizerBase, out: Path) -> dict[str, Any]:
     """Write ``lvlm`` (visual_encoder backbone) as ``LlavaForConditionalGeneration`` + ``LlavaProcessor``."""
     encoder: VisualEncoder = lvlm.backbone  # type: ignore[assignment]
@@ -450,6 +477,8 @@ def export_llava(lvlm: LVLM, tokenizer: PreTrainedTokenizerBase, out: Path) -> d
         model.tie_weights()
     model.generation_config = _generation_config(lvlm, tok, [image_id])
     image_processor, pre_notes = _llava_image_processor(encoder, lvlm.preprocessing)
+    bos = tok.convert_ids_to_tokens(lvlm.bos_token_id)
+    tok.chat_template = llava_chat_template(bos)  # the tokenizer's too: lmms-eval's llava_hf reads that one
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tok,
@@ -457,16 +486,23 @@ def export_llava(lvlm: LVLM, tokenizer: PreTrainedTokenizerBase, out: Path) -> d
         vision_feature_select_strategy="default",
         image_token=LLAVA_IMAGE_TOKEN,
         num_additional_image_tokens=1,
+        chat_template=tok.chat_template,
     )
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    bos = tok.convert_ids_to_tokens(lvlm.bos_token_id)
     _check_prompt(out, tokenizer, lvlm, num_tokens * [image_id], LLAVA_IMAGE_TOKEN + bos, encoder.input_size, "llava")
+    if tok("a")["input_ids"] != tok("a", add_special_tokens=False)["input_ids"]:
+        notes.append(
+            "tokenizer: it adds special tokens unless told not to: call the processor with add_special_tokens=False "
+            "(lmms-eval's llava_hf does not, so its prompts get them on top of the chat template's BOS)"
+        )
     return {
         "kind": "llava",
         "model_class": "LlavaForConditionalGeneration",
         "prompt": LLAVA_IMAGE_TOKEN + bos + "{text}",
         "processor_kwargs": {"add_special_tokens": False},
+        "chat_template": "the images of the user turns, BOS, then the text of the user and assistant turns "
+        "(no roles, no EOS): the prompt above, for chat-template users such as lmms-eval's llava_hf",
         "image_token": LLAVA_IMAGE_TOKEN,
         "image_token_id": image_id,
         "num_image_tokens": num_tokens,
@@ -630,7 +666,7 @@ def _check_prompt(
     kind: str,
 ) -> None:
     """Raise unless the saved processor turns an image and a caption into the project's sequence
-    ``[image tokens][BOS][caption ids]``."""
+    ``[image tokens][BOS][caption ids]`` (and, for Llava, its chat template renders them as that prompt)."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(out)
@@ -639,6 +675,11 @@ def _check_prompt(
     kwargs = {"return_legacy_image_output": False} if kind == "fuyu" else {"add_special_tokens": False}
     image = Image.new("RGB", (size[1], size[0]), (120, 30, 200))
     got = processor(images=image, text=prefix + caption, return_tensors="pt", **kwargs)["input_ids"][0].tolist()
+    if kind == "llava":  # the chat template renders an image and a caption as the same prompt
+        chat = [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": caption}]
+        rendered = processor.apply_chat_template(chat, tokenize=False)
+        if rendered != prefix + caption:
+            raise RuntimeError(f"the export's chat template renders {rendered!r}, not {prefix + caption!r}")
     if got != expected:
         raise UnmappableError(
             f"processor: {type(processor).__name__} turns an image and a caption into ids {got[:8]}...{got[-8:]}, "
