@@ -191,6 +191,13 @@ class WeightHistogram(L.Callback):
             )
 
 
+def wandb_image(image: torch.Tensor) -> Any:
+    """A [3, H, W] image tensor in [0, 1] as a ``wandb.Image`` (sample tables)."""
+    import wandb
+
+    return wandb.Image(image.permute(1, 2, 0).float().clamp(0, 1).cpu().numpy())
+
+
 def weighted_caption_html(tokenizer: Any, ids: list[int], weights: list[float]) -> str:
     """Caption tokens as HTML, each shaded by its weight in [0, 1] (darker = more weight)."""
     import html
@@ -225,7 +232,7 @@ class SampleTable(L.Callback):
 
         table = wandb.Table(columns=["image", "caption (shaded by weight)", "generated"])
         for image, shaded, generated in rows:
-            table.add_data(wandb.Image(image.permute(1, 2, 0).float().cpu().numpy()), wandb.Html(shaded), generated)
+            table.add_data(wandb_image(image), wandb.Html(shaded), generated)
         wb.experiment.log({"samples": table, "trainer/global_step": step})
 
     def collect(self, trainer: L.Trainer, pl_module: L.LightningModule,

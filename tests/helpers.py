@@ -15,6 +15,13 @@ from PIL import Image
 CAPTION_WORDS = "a circle in red on the left and a square in blue on the right".split()
 
 
+class Terminal(io.StringIO):
+    """A stand-in for ``sys.stderr`` that says it is a terminal, so progress bars draw into it."""
+
+    def isatty(self) -> bool:
+        return True
+
+
 def png_bytes(mode: str = "RGB", size: tuple[int, int] = (40, 30), color: object = (200, 10, 10)) -> bytes:
     buf = io.BytesIO()
     Image.new(mode, size, color).save(buf, format="PNG")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -180,3 +181,42 @@ def test_prior_eval_prepares_images_as_the_model_was_trained(demo, module, tmp_p
     assert with_model_preprocessing(given.benchmark, lvlm.preprocessing, str(export)).image_size == 64
     with pytest.raises(ValueError, match="benchmark.image_size=224"):
         with_model_preprocessing(cfg.benchmark, None, str(export))
+
+
+def test_evaluate_shows_a_progress_bar_when_named(demo, module, monkeypatch):
+    import sys
+
+    from tests.helpers import Terminal
+
+    tok = module.tokenizer
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    evaluate(module.model, tok, demo_items(demo.data / "test", limit=3), generate=False, **EVAL_FAST)
+    assert terminal.getvalue() == ""  # unnamed (inside training loops): no bar
+    evaluate(module.model, tok, demo_items(demo.data / "test", limit=3), generate=False, progress="eval test",
+             **EVAL_FAST)
+    assert "eval test" in terminal.getvalue() and "3/3" in terminal.getvalue()
+
+
+def test_prior_eval_logs_metrics_and_a_table_of_generations_to_wandb(demo, module, tmp_path, monkeypatch):
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    export = module.export(tmp_path / "export")
+    cfg = compose_config("eval", demo.root, [f"model={export}", "splits=[test_counter]", "limit=3", "max_new_tokens=4",
+                                             f"paths.output_dir={tmp_path / 'run'}", "logger=wandb"])
+    results = run_eval(cfg)
+    (offline,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    assert b"eval/test_counter/choice_accuracy" in next(offline.glob("*.wandb")).read_bytes()
+    (path,) = (offline / "files" / "media" / "table" / "eval" / "test_counter").glob("samples_*.table.json")
+    table = json.loads(path.read_text())
+    assert table["columns"] == ["key", "image", "reference", "generated", "counter-prior choices"]
+    samples = results["test_counter"].samples
+    assert [row[0] for row in table["data"]] == [s["key"] for s in samples] and len(samples) == 3
+    assert [row[3] for row in table["data"]] == [s["generation"] for s in samples]
+    choices = [c for row in table["data"] for c in row[4].split("; ") if c]
+    assert len(choices) == sum(len(s["prior_choices"]) for s in samples) > 0
+    assert all(re.fullmatch(r"(picked|rejected) prior '.+' \(true - prior [+-]\d\.\d{3}\)", c) for c in choices)
+    picks = [c["picked_prior"] for s in samples for c in s["prior_choices"]]
+    assert sum(picks) / len(picks) == results["test_counter"].metrics["prior_pick_rate"]

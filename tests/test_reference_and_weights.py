@@ -57,16 +57,18 @@ def test_weights_rank_visual_words_above_boilerplate(demo):
     assert stats["color_counter"]["mean"] > stats["color_typical"]["mean"]
     assert stats["noise"]["mean"] > stats["function"]["mean"]
     page = (demo.root / "artifacts" / "demo" / "token_weights.html").read_text()
-    assert "rgba(220,40,90," in page and page.count("<p><code>") == 5
+    assert "rgba(220,40,90," in page and page.count('class="sample"') == page.count('<img class="thumb"') == 5
+    assert "<h2>By token kind</h2>" in page and "<td>color_counter</td>" in page  # the demo's kinds
 
 
 def test_sidecars_hold_every_sample_with_the_stage_contract(demo):
     tok = load_tokenizer(demo.tokenizer)
+    stage3_length = compose_config("train_lvlm", demo.root).data.max_length  # the recipe's, in every stage
     for url in resolve_shards(str(demo.data / "val")).urls:
         sidecar = load_sidecar(sidecar_path(url))
         assert sidecar.meta["tokenizer_fingerprint"] == fingerprint(tok)
         assert sidecar.meta["reference_path"] == str(demo.reference)
-        assert sidecar.meta["max_length"] == 256 and sidecar.meta["shard_name"] == Path(url).name
+        assert sidecar.meta["max_length"] == stage3_length and sidecar.meta["shard_name"] == Path(url).name
         assert sidecar.meta["shard_bytes"] == Path(url).stat().st_size
         samples = list(wds.WebDataset(url, shardshuffle=False))
         assert sorted(sidecar.keys) == sorted(s["__key__"] for s in samples)

@@ -53,3 +53,19 @@ def test_caption_template_bos_eos_and_truncation(tok):
 def test_missing_tokenizer_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="make tokenizer"):
         load_tokenizer(tmp_path / "nope")
+
+
+def test_prior_tokenizer_shows_a_progress_bar_on_a_terminal_only(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from prior.cli.tokenizer import train_tokenizer
+    from tests.helpers import Terminal, write_img2dataset_shards
+
+    write_img2dataset_shards(tmp_path / "shards", 2, 5, caption=lambda i: TEXTS[i])
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    train_tokenizer(str(tmp_path / "shards"), str(tmp_path / "tok"), vocab_size=300, min_frequency=1)
+    assert "tokenizer: reading captions" in terminal.getvalue() and "10/10" in terminal.getvalue()
+    monkeypatch.undo()
+    train_tokenizer(str(tmp_path / "shards"), str(tmp_path / "tok2"), vocab_size=300, min_frequency=1)
+    assert "reading captions" not in capsys.readouterr().err  # not a terminal: no bar

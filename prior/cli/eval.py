@@ -4,7 +4,9 @@ Loads ``model`` with ``prior.load``, evaluates each split of ``benchmark`` (a co
 ``conf/benchmark/``, instantiated: any ``prior.eval.benchmarks.Benchmark``) with
 ``prior.eval.evaluator.evaluate``, prints the metric x split table, writes ``eval.json`` and
 ``eval.md`` into ``output_dir`` (the Hydra run folder) and logs ``eval/<split>/<metric>`` to the
-loggers of the ``logger`` group, if any.
+loggers of the ``logger`` group, if any (``logger=wandb``: also ``eval/<split>/samples``, a
+table of images, references, greedy captions and counter-prior choices). A progress bar per
+split shows on a terminal.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import prior
 from prior.cli._hydra import CONF_DIR
 from prior.cli.common import instantiate_group
 from prior.eval.benchmarks import Benchmark
-from prior.eval.evaluator import EvalResult, evaluate, markdown_table, write_results
+from prior.eval.evaluator import EvalResult, evaluate, log_results, markdown_table, write_results
+from prior.loggers import finish_runs
 
 
 def run_eval(cfg: DictConfig) -> dict[str, EvalResult]:
@@ -41,6 +44,8 @@ def run_eval(cfg: DictConfig) -> dict[str, EvalResult]:
             max_length=cfg.max_length,
             generate=cfg.generate,
             benchmark=benchmark,
+            num_samples=cfg.table_samples,
+            progress=f"eval {split}",
         )
         skipped = results[split].skipped
         print(f"{split}: {results[split].num_items} items" + (f", skipped {skipped}" if skipped else ""))
@@ -48,11 +53,12 @@ def run_eval(cfg: DictConfig) -> dict[str, EvalResult]:
     print(markdown_table(results))
     print(f"Results: {json_path} and {md_path}")
     loggers = instantiate_group(cfg.get("logger"))
-    flat = {f"eval/{s}/{name}": v for s, r in results.items() for name, v in r.metrics.items()}
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        logger.log_metrics(flat)
+    log_results(loggers, results)
+    for logger in loggers:
         logger.finalize("success")
+    finish_runs(loggers)
     return results
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 from prior.cli._hydra import CONF_DIR
 from prior.data.pipeline import SkipCounter, raw_samples
@@ -20,8 +21,12 @@ from prior.data.tokenization import fingerprint, train_bpe_tokenizer
 
 
 def captions(shards: str, counter: SkipCounter) -> Iterator[str]:
-    """Non-empty captions of every sample of the shards (bad input counted in ``counter``)."""
-    for raw in raw_samples(resolve_shards(shards).urls, counter):
+    """Non-empty captions of every sample of the shards (bad input counted in ``counter``), with
+    a progress bar over the samples on a terminal."""
+    shard_set = resolve_shards(shards)
+    samples = tqdm(raw_samples(shard_set.urls, counter), total=shard_set.num_samples,
+                   desc="tokenizer: reading captions", unit="caption", disable=None)
+    for raw in samples:
         text = raw.get("txt", b"").decode("utf-8", errors="replace").strip()
         if text:
             yield text
@@ -42,6 +47,9 @@ def train_tokenizer(shards: str, out_dir: str, vocab_size: int, min_frequency: i
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="tokenizer")
 def main(cfg: DictConfig) -> None:
+    if not cfg.out_dir:
+        raise ValueError("No out_dir: it defaults to recipe.tokenizer, which this recipe leaves to the LLM's own. "
+                         "Give the folder to write: out_dir=<folder> (then recipe.tokenizer=<folder> in every stage).")
     start = time.perf_counter()
     fp = train_tokenizer(cfg.shards, cfg.out_dir, cfg.vocab_size, cfg.min_frequency)
     print(

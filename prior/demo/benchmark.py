@@ -21,7 +21,7 @@ from prior.data.pipeline import SampleDecoder, SkipCounter, raw_samples
 from prior.data.shards import resolve_shards
 from prior.demo.corpus import TYPICAL_COLOR, counterfactual_descriptions, describe, parse_description
 from prior.demo.token_kinds import token_labels
-from prior.eval.benchmarks import Benchmark, EvalItem, ItemStream, limited
+from prior.eval.benchmarks import Benchmark, EvalItem, ItemStream, capped, limited
 from prior.eval.metrics import CHOICE_ATTRIBUTES
 
 _DEMO_FIELDS = ("objects", "description", "cue_first")
@@ -97,7 +97,8 @@ def demo_items(
     fields (objects, description, cue_first) are skipped as ``missing_field``.
     """
     counter = counter if counter is not None else SkipCounter()
-    urls = resolve_shards(shards if isinstance(shards, list) else str(shards)).urls
+    shard_set = resolve_shards(shards if isinstance(shards, list) else str(shards))
+    urls = shard_set.urls
     decoder = SampleDecoder(
         encode=_no_tokens, counter=counter, image_size=image_size, resize=resize
     )
@@ -123,7 +124,7 @@ def demo_items(
                 meta=meta,
             )
 
-    return ItemStream(limited(items(), limit), counter)
+    return ItemStream(limited(items(), limit), counter, capped(shard_set.num_samples, limit))
 
 
 def _no_tokens(text: str) -> list[int]:

@@ -48,11 +48,13 @@ class EvalItem:
 
 
 class ItemStream(Iterator[EvalItem]):
-    """An iterator of ``EvalItem``s with the counts of the samples it skipped."""
+    """An iterator of ``EvalItem``s with the counts of the samples it skipped; ``total`` is how
+    many items it holds at most when that is known before reading (progress bars), else None."""
 
-    def __init__(self, items: Iterator[EvalItem], counter: SkipCounter) -> None:
+    def __init__(self, items: Iterator[EvalItem], counter: SkipCounter, total: int | None = None) -> None:
         self._items = items
         self.counter = counter
+        self.total = total
 
     def __next__(self) -> EvalItem:
         return next(self._items)
@@ -102,6 +104,13 @@ def limited(items: Iterator[EvalItem], limit: int | None) -> Iterator[EvalItem]:
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
     return itertools.islice(items, limit)
+
+
+def capped(total: int | None, limit: int | None) -> int | None:
+    """``ItemStream.total`` of a source of ``total`` items (None: unknown) read up to ``limit``."""
+    if total is None or limit is None:
+        return total
+    return min(total, limit)
 
 
 # --------------------------------------------------------------------------- COCO captions
@@ -168,7 +177,7 @@ def coco_caption_items(
                 meta={**entry, "references": refs},
             )
 
-    return ItemStream(limited(items(), limit), counter)
+    return ItemStream(limited(items(), limit), counter, capped(len(data["images"]), limit))
 
 
 class CocoCaptions(Benchmark):

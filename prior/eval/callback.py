@@ -4,7 +4,8 @@
 on splits of any ``Benchmark`` (``conf/callbacks/periodic_eval.yaml``) every ``every_n_steps``
 optimizer steps and once more when training ends
 (unless that step was just evaluated). Each evaluation logs ``eval/<split>/<metric>`` to the
-trainer's loggers at the current step and appends one JSON line per split,
+trainer's loggers at the current step (and to wandb a table of sample generations,
+``eval/<split>/samples``: ``prior.eval.evaluator.log_results``) and appends one JSON line per split,
 ``{"step": global_step, "split": ..., **metrics}``, to ``<default_root_dir>/eval_curve.jsonl``.
 The latest results stay in ``PeriodicEval.last_results`` (with sample generations).
 
@@ -23,7 +24,7 @@ from typing import Any
 import lightning as L
 
 from prior.eval.benchmarks import Benchmark, EvalItem
-from prior.eval.evaluator import EvalResult, evaluate
+from prior.eval.evaluator import EvalResult, evaluate, log_results
 
 CURVE_FILE = "eval_curve.jsonl"
 
@@ -106,13 +107,7 @@ class PeriodicEval(L.Callback):
                 )
                 for split, items in self.items.items()
             }
-        flat = {
-            f"eval/{split}/{name}": value
-            for split, result in self.last_results.items()
-            for name, value in result.metrics.items()
-        }
-        for logger in trainer.loggers:
-            logger.log_metrics(flat, step=step)
+        log_results(trainer.loggers, self.last_results, step)
         path = Path(trainer.default_root_dir) / CURVE_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:

@@ -24,7 +24,9 @@ Every text is scored on its own image, so results depend on the items only, not 
 ``batch_size`` (beyond float rounding in the model's kernels): per-item scores are summed in
 float64 and the corpus metrics use the batch-invariant accumulators of ``prior.eval.metrics``.
 
-``write_results`` writes ``eval.json`` and ``eval.md`` (a metric x split markdown table).
+``write_results`` writes ``eval.json`` and ``eval.md`` (a metric x split markdown table);
+``log_results`` logs the metrics to any Lightning loggers and, to wandb, a table of the kept
+samples' images, references, generations and counter-prior choices.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from prior.data.tokenization import encode_caption, special_ids
@@ -66,7 +69,10 @@ class EvalResult:
 
     Each sample holds ``key``, ``image`` ([3, H, W] tensor), ``reference``, ``generation`` (the
     decoded greedy caption, None without generation), ``prediction`` (its postprocessed text),
-    ``objects`` (parsed from the prediction) and ``truth`` (the item's truth objects or None).
+    ``objects`` (parsed from the prediction), ``truth`` (the item's truth objects or None) and
+    ``prior_choices`` (per description of the benchmark's ``prior_alternatives``: the
+    ``alternative``, whether the model ``picked_prior`` over the reference, and the ``margin``,
+    the reference's ``choice_score`` minus the alternative's; empty without such a choice).
     ``skipped`` counts the benchmark's skipped samples per reason (reasons with none left out).
     """
 
@@ -262,6 +268,7 @@ def evaluate(
     generate: bool = True,
     benchmark: Benchmark | None = None,
     num_samples: int = 16,
+    progress: str | None = None,
 ) -> EvalResult:
     """Score, and with ``generate`` caption, every item; the metrics are described in the module
     docstring.
@@ -272,19 +279,24 @@ def evaluate(
     through its ``postprocess``, ``parse``, ``prior_alternatives`` and ``token_labels`` hooks
     (without one, generations are only stripped and the metrics that need a hook are left
     out); the first ``num_samples`` items are kept in ``EvalResult.samples``. The model is
-    evaluated in eval mode without gradient and left in the mode it was in.
+    evaluated in eval mode without gradient and left in the mode it was in. ``progress`` names
+    a progress bar over the items (shown on a terminal; None, inside a training loop that has
+    its own, shows none).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     tally = _Tally()
+    total = getattr(items, "total", None) or (len(items) if isinstance(items, Sequence) else None)
+    bar = tqdm(total=total, desc=progress, unit="item", disable=None if progress else True)
     iterator = iter(items)
-    with _eval_mode(lvlm):
+    with _eval_mode(lvlm), bar:
         while chunk := list(itertools.islice(iterator, batch_size)):
             _evaluate_chunk(
                 lvlm, tokenizer, chunk, tally,
                 batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length,
                 generate=generate, benchmark=benchmark or _NO_HOOKS, num_samples=num_samples,
             )  # fmt: skip
+            bar.update(len(chunk))
     skipped = {reason: n for reason, n in getattr(items, "skipped", {}).items() if n}
     if tally.items == 0:
         raise ValueError(
@@ -324,6 +336,7 @@ def _evaluate_chunk(
     logprobs = _score(lvlm, tokenizer, images, pairs, batch_size)
 
     offset = 0
+    prior_choices: list[list[dict[str, Any]]] = []
     for item, texts, prior_texts in zip(chunk, choice_texts, alternatives, strict=True):
         score = {t: choice_score(lp) for t, lp in zip(texts, logprobs[offset : offset + len(texts)], strict=True)}
         offset += len(texts)
@@ -333,6 +346,11 @@ def _evaluate_chunk(
         for typical in prior_texts:
             tally.prior_true.append(score[item.reference])
             tally.prior_typical.append(score[typical])
+        prior_choices.append([  # a tie counts as a pick, as in prior_pick_rate
+            {"alternative": t, "picked_prior": not score[item.reference] > score[t],
+             "margin": score[item.reference] - score[t]}
+            for t in prior_texts
+        ])
     for item, caption, lp in zip(chunk, captions, logprobs[offset:], strict=True):
         tally.nll_sum -= math.fsum(lp)
         tally.tokens += len(lp)
@@ -366,6 +384,7 @@ def _evaluate_chunk(
                     "prediction": predictions[i],
                     "objects": parsed[i],
                     "truth": item.truth_objects,
+                    "prior_choices": prior_choices[i],
                 }
             )
     tally.items += len(chunk)
@@ -407,3 +426,44 @@ def write_results(result_by_split: dict[str, EvalResult], folder: str | Path) ->
     json_path.write_text(json.dumps(data, indent=2))
     md_path.write_text(markdown_table(result_by_split))
     return json_path, md_path
+
+
+def log_results(loggers: Iterable[Any], result_by_split: dict[str, EvalResult], step: int | None = None) -> None:
+    """Log ``eval/<split>/<metric>`` to every logger (at ``step``, when given) and, to a wandb
+    logger, ``eval/<split>/samples``: a table of each split's kept samples (``samples_table``)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    flat = {f"eval/{s}/{name}": v for s, r in result_by_split.items() for name, v in r.metrics.items()}
+    for logger in loggers:
+        logger.log_metrics(flat, step=step)
+        if isinstance(logger, WandbLogger):
+            tables: dict[str, Any] = {
+                f"eval/{s}/samples": samples_table(r.samples) for s, r in result_by_split.items() if r.samples
+            }
+            if tables:
+                logger.experiment.log(tables if step is None else {**tables, "trainer/global_step": step})
+
+
+def samples_table(samples: Sequence[dict[str, Any]]) -> Any:
+    """A ``wandb.Table`` of evaluated samples (``EvalResult.samples``): key, image, reference,
+    the greedy caption (when generated) and the counter-prior choices (when the benchmark has any)."""
+    import wandb
+
+    from prior.callbacks import wandb_image
+
+    generated = any(s["generation"] is not None for s in samples)
+    choices = any(s.get("prior_choices") for s in samples)
+    columns = ["key", "image", "reference"] + ["generated"] * generated + ["counter-prior choices"] * choices
+    table = wandb.Table(columns=columns)
+    for s in samples:
+        row = [s["key"], wandb_image(s["image"]), s["reference"]]
+        if generated:
+            row.append(s["generation"])
+        if choices:
+            row.append("; ".join(
+                f"{'picked' if c['picked_prior'] else 'rejected'} prior {c['alternative']!r} "
+                f"(true - prior {c['margin']:+.3f})"
+                for c in s.get("prior_choices", [])
+            ))
+        table.add_data(*row)
+    return table
