@@ -68,7 +68,7 @@ train-ref-base: install ## stage 1 in the paper's regimes: the base LM fine-tune
 weights: install ## stage 2: score every caption token with the reference LM (weight sidecars)
 	$(VENV)/bin/prior-weights $(ARGS)
 
-weights-report: install ## mean weight per token kind + HTML page of weighted captions
+weights-report: install ## what the weights prioritise (words, word classes, positions, demo token kinds) + HTML page with images
 	$(VENV)/bin/prior-weights-report $(ARGS)
 
 train-lvlm: install ## stage 3: train the LVLM (ARGS="backbone=visual_encoder loss=ntp ...")
